@@ -1,0 +1,6 @@
+"""Data: readers for LSD, RAF-AU, OpenFace pseudo-labels and generic label CSVs, and the built-in faces.
+
+Every dataset item is a tuple `(image, expression, aus)`: the image tensor, the expression index in
+`aucvt_zoo.labels.EXPRESSIONS` (-1 where the sample has no expression label), and a float tensor of AU targets
+in the label set's order (NaN where an AU is not labelled, so the loss masks it).
+"""
