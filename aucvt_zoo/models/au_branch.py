@@ -46,15 +46,15 @@ class AuBranch(nn.Module):
             norm_eps: float = 1e-6,
     ):
         super().__init__()
-        self.au_names: Tuple[str, ...] = resolve_aus(aus)
+        self.au_names = resolve_aus(aus)
         if not self.au_names:
             raise ValueError('An AU branch needs at least one AU; build the model without au_labels instead.')
         self.layout = layout
         self.grid = (int(grid[0]), int(grid[1]))
         height, width = self.grid
         regions = regions_for(self.au_names, layout)
-        self.region_aus: Dict[str, Tuple[str, ...]] = {region.name: aus for region, aus in regions}
-        self.region_cells: Dict[str, Tuple[int, int, int, int]] = {
+        self.region_aus = {region.name: aus for region, aus in regions}
+        self.region_cells = {
             region.name: region.cells(height, width) for region, _ in regions}
         self.regions = nn.ModuleDict({
             region.name: RegionHead(dim, len(aus), norm_eps) for region, aus in regions})

@@ -234,7 +234,7 @@ class CVT(nn.Module):
         self.global_pool = global_pool
         self.drop_rate = drop_rate
         self.au_stage = au_stage
-        self.au_names: Tuple[str, ...] = resolve_aus(au_labels)
+        self.au_names = resolve_aus(au_labels)
 
         self.trunk = IResNet(trunk_layers, trunk_channels, num_classes=0, in_chans=in_chans, global_pool='')
         stride = 2 ** len(trunk_layers)
@@ -274,7 +274,7 @@ class CVT(nn.Module):
         self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
         if self.au_names:
-            self.au_head: nn.Module = AuBranch(
+            self.au_head = AuBranch(
                 embed_dims[au_stage], self.au_names, layout=au_layout, grid=grids[au_stage], norm_eps=norm_eps)
         else:
             self.au_head = NoAuBranch()
@@ -364,6 +364,7 @@ class CVT(nn.Module):
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
+    @torch.jit.export
     def forward_with_aus(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Expression logits (B, num_classes) and AU logits (B, len(self.au_names)) from one forward pass.
 

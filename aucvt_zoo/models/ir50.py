@@ -91,7 +91,7 @@ class IResNet(nn.Module):
             nn.PReLU(stem_chs),
         )
         stages = []
-        self.feature_info: List[Dict[str, Any]] = []
+        self.feature_info = []
         in_chs, reduction = stem_chs, 1
         for i, (depth, out_chs) in enumerate(zip(layers, channels)):
             units = [BottleneckIR(in_chs if u == 0 else out_chs, out_chs, 2 if u == 0 else 1) for u in range(depth)]
