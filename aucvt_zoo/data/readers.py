@@ -164,7 +164,8 @@ class LsdFolder(_ImageDataset):
                     f'Accepted names (any case): {", ".join(EXPRESSIONS)} and aliases '
                     f'{", ".join(sorted(a for a in EXPRESSION_ALIASES if a not in EXPRESSIONS))}. '
                     f'Rename or move that folder.') from None
-        for folder, expr in mapping.items():
+        # Expression order, so samples (and skip replacements) do not depend on how the folders are capitalised.
+        for folder, expr in sorted(mapping.items(), key=lambda t: (t[1], t[0])):
             for dirpath, dirnames, filenames in os.walk(os.path.join(root, folder)):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
                 self.samples.extend((os.path.join(dirpath, f), expr) for f in sorted(filenames) if _is_image(f))
