@@ -353,9 +353,9 @@ class RafAu(_ImageDataset):
         if not rows:
             raise LabelFileError(path, None, 'no labelled images in the file.')
         if self.dropped_aus:
+            ordered = sorted(self.dropped_aus.items(), key=lambda t: int(t[0][2:]))
             _logger.info('%s: dropped %d label(s) of AUs outside the label set: %s', path,
-                         sum(self.dropped_aus.values()),
-                         ', '.join(f'{a} x{n}' for a, n in sorted(self.dropped_aus.items(), key=lambda t: int(t[0][2:]))))
+                         sum(self.dropped_aus.values()), ', '.join(f'{a} x{n}' for a, n in ordered))
         self.samples = [(p, -1) for p, _ in rows]
         self.au_targets = torch.tensor([a for _, a in rows], dtype=torch.float32).reshape(len(rows),
                                                                                            len(self.au_names))
