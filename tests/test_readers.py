@@ -231,6 +231,13 @@ def test_rafau_tokens_null_and_dropped(rafau, caplog):
     assert ds.samples[0][0].endswith(os.path.join('aligned', '0001_aligned.jpg'))
 
 
+def test_rafau_null_drop(rafau):
+    ds = RafAu(rafau, null='drop')
+    assert len(ds) == 3 and ds.null_count == 1 and _red(ds[1][0]) == 130
+    with pytest.raises(ValueError, match="null must be 'absent' or 'drop'"):
+        RafAu(rafau, null='nan')
+
+
 def test_rafau_other_label_set_and_layout(rafau):
     os.rename(os.path.join(rafau, 'aligned'), os.path.join(rafau, 'faces'))
     os.rename(os.path.join(rafau, 'RAFAU_label.txt'), os.path.join(rafau, 'labels.txt'))

@@ -306,8 +306,9 @@ class RafAu(_ImageDataset):
     """RAF-AU: `RAFAU_label.txt` (`0001.jpg 1+2+L12+R4`, or `0001.jpg null`) and `aligned/0001_aligned.jpg` images.
 
     A side prefix (L/R: the AU on one side of the face only) counts as the AU being present. `null` means the coders
-    found no AU, so every AU of the set is 0 (absent), not unlabelled. AUs outside `au_names` are dropped and
-    counted in the log (`dropped_aus`). Expressions are not read from this file: `expression` is -1.
+    found no AU: by default every AU of the set is then 0 (absent), not unlabelled; `null='drop'` leaves those
+    images out instead (some AU papers train only on images with at least one AU). AUs outside `au_names` are
+    dropped and counted in the log (`dropped_aus`). Expressions are not read from this file: `expression` is -1.
 
     Args:
         root: the RAF-AU folder.
@@ -316,11 +317,15 @@ class RafAu(_ImageDataset):
         on_error: 'raise' or 'skip' for unreadable images.
         label_file: label file, relative to root.
         image_dir: image folder, relative to root; `<stem>.jpg` in the label file is `<stem>_aligned.jpg` there.
+        null: 'absent' (a `null` line is an image with every AU 0) or 'drop' (leave `null` images out).
     """
 
     def __init__(self, root: str, au_names: AuNames = 'rafau21', transform: Optional[Callable] = None,
-                 on_error: str = 'raise', label_file: str = 'RAFAU_label.txt', image_dir: str = 'aligned'):
+                 on_error: str = 'raise', label_file: str = 'RAFAU_label.txt', image_dir: str = 'aligned',
+                 null: str = 'absent'):
         super().__init__(transform, on_error)
+        if null not in ('absent', 'drop'):
+            raise ValueError(f"null must be 'absent' or 'drop', got {null!r}.")
         self.root = _require(root, 'the RAF-AU release (RAFAU_label.txt and aligned/)', True)
         self.au_names = resolve_aus(au_names)
         path = _require(os.path.join(root, label_file), 'the RAF-AU label list ("0001.jpg 1+2+L12" per line)', False)
@@ -328,6 +333,7 @@ class RafAu(_ImageDataset):
         image_root = os.path.join(root, image_dir)
         position = {a: i for i, a in enumerate(self.au_names)}
         self.dropped_aus = {}
+        self.null_count = 0
         rows = []
         with open(path, encoding='utf-8-sig') as f:
             for line, text in enumerate(f, 1):
@@ -342,7 +348,11 @@ class RafAu(_ImageDataset):
                 if not ext:
                     raise LabelFileError(path, line, f'image name {name!r} has no extension (e.g. 0001.jpg).')
                 aus = [0.0] * len(self.au_names)
-                if code.lower() != 'null':
+                if code.lower() == 'null':
+                    self.null_count += 1
+                    if null == 'drop':
+                        continue
+                else:
                     for token in code.split('+'):
                         au = self._parse_token(token, path, line)
                         if au in position:
