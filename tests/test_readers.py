@@ -169,6 +169,7 @@ def test_label_csv_missing_image_is_reported(images):
     ds = LabelCsv(csv_path)
     with pytest.raises(ImageReadError, match='gone.png'):
         ds[1]
+    assert ds.missing_files() == [str(images / 'img' / 'gone.png')]
     skipping = LabelCsv(csv_path, on_error='skip')
     assert _red(skipping[1][0]) == 50 and skipping.skipped == 1
 

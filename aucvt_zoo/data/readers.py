@@ -95,6 +95,10 @@ class _ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def missing_files(self) -> List[str]:
+        """Image paths that do not exist (a stat per sample): check before a long run instead of failing in it."""
+        return [p for p, _ in self.samples if not os.path.isfile(p)]
+
     def _image(self, index: int):
         image = load_rgb(self.samples[index][0])
         return self.transform(image) if self.transform is not None else TF.to_tensor(image)
