@@ -27,7 +27,7 @@ from ..labels import EXPRESSION_ALIASES, EXPRESSIONS, au_name, expression_index,
 
 __all__ = [
     'IMAGE_EXTENSIONS', 'LabelFileError', 'ImageReadError', 'LsdFolder', 'LabelCsv', 'RafAu', 'LsdTestList',
-    'write_predictions', 'read_predictions', 'LSD_PREDICTION_HEADER',
+    'write_predictions', 'read_predictions', 'LSD_PREDICTION_HEADER', 'load_rgb',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -76,7 +76,8 @@ def load_rgb(path: str) -> Image.Image:
             return im.convert('RGB')
     except FileNotFoundError:
         raise ImageReadError(f'{path}: image file not found.') from None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    # PIL reports broken files as OSError (truncated data), ValueError or SyntaxError (bad headers in some plugins).
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageReadError(f'{path}: cannot read image ({type(e).__name__}: {e}).') from e
 
 
