@@ -4,3 +4,12 @@ Every dataset item is a tuple `(image, expression, aus)`: the image tensor, the 
 `aucvt_zoo.labels.EXPRESSIONS` (-1 where the sample has no expression label), and a float tensor of AU targets
 in the label set's order (NaN where an AU is not labelled, so the loss masks it).
 """
+from .openface import openface_to_labels
+from .readers import (
+    ImageReadError, LabelCsv, LabelFileError, LsdFolder, LsdTestList, RafAu, read_predictions, write_predictions,
+)
+
+__all__ = [
+    'ImageReadError', 'LabelCsv', 'LabelFileError', 'LsdFolder', 'LsdTestList', 'RafAu', 'openface_to_labels',
+    'read_predictions', 'write_predictions',
+]
