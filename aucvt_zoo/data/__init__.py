@@ -3,13 +3,14 @@
 Every dataset item is a tuple `(image, expression, aus)`: the image tensor, the expression index in
 `aucvt_zoo.labels.EXPRESSIONS` (-1 where the sample has no expression label), and a float tensor of AU targets
 in the label set's order (NaN where an AU is not labelled, so the loss masks it).
+
+OpenFace pseudo-labels: `python -m aucvt_zoo.data.openface` (`aucvt_zoo.data.openface.openface_to_labels`).
 """
-from .openface import openface_to_labels
 from .readers import (
     ImageReadError, LabelCsv, LabelFileError, LsdFolder, LsdTestList, RafAu, read_predictions, write_predictions,
 )
 
 __all__ = [
-    'ImageReadError', 'LabelCsv', 'LabelFileError', 'LsdFolder', 'LsdTestList', 'RafAu', 'openface_to_labels',
+    'ImageReadError', 'LabelCsv', 'LabelFileError', 'LsdFolder', 'LsdTestList', 'RafAu',
     'read_predictions', 'write_predictions',
 ]
