@@ -347,10 +347,10 @@ def build_converted(state_dict: Dict[str, torch.Tensor], report: Dict[str, Any])
         problems = [f'missing {_preview(missing)}' if missing else '',
                     f'unexpected {_preview(unexpected)}' if unexpected else '',
                     f'shape mismatches: {"; ".join(shapes[:6])}' if shapes else '']
+        facts = [f'{k}={v}' for k, v in report.get('model_args', {}).items()] + ([f'AUs {",".join(au)}'] if au else [])
         raise ConversionError(
-            f'The converted weights do not fit {report["architecture"]} '
-            f'({", ".join(f"{k}={v}" for k, v in report.get("model_args", {}).items())}'
-            f'{"; AUs " + ",".join(au) if au else ""}): ' + '; '.join(p for p in problems if p) + '.')
+            f'The converted weights do not fit {report["architecture"]}'
+            f'{" (" + "; ".join(facts) + ")" if facts else ""}: ' + '; '.join(p for p in problems if p) + '.')
     model.load_state_dict(state_dict, strict=True)
     return model.eval()
 
@@ -425,7 +425,7 @@ def render_card(model: nn.Module, entry: Dict[str, Any], result: Dict[str, Any],
         EvalResult(task_type='image-classification', task_name='Facial expression recognition',
                    dataset_type=m.get('dataset_type', 'custom'), dataset_name=m['dataset'],
                    dataset_split=m.get('split'), metric_type=m['type'], metric_name=m.get('name', m['type']),
-                   metric_value=m['value'], source_name=m.get('protocol'))
+                   metric_value=m['value'])
         for m in metrics if m.get('value') is not None]
     data = ModelCardData(
         license=entry.get('license') or cfg.get('license') or 'apache-2.0', library_name='timm',

@@ -3,7 +3,7 @@
 Enough of the Hub's protocol for `hf_hub_download` (HEAD/GET `/<repo>/resolve/<revision>/<file>` with the
 `X-Repo-Commit`, `ETag`, `X-Linked-Etag`, `X-Linked-Size` and `Location` headers), timm's `hf-hub:` config
 resolution, `model_info` (`/api/models/<repo>[/revision/<rev>]`), `list_repo_refs` (`/api/models/<repo>/refs`) and
-an upload through `HfApi.upload_folder` (`/api/repos/create`, `/preupload/`, `/commit/`). Read from
+an upload through `HfApi.upload_folder` (`/api/repos/create`, `/api/validate-yaml`, `/preupload/`, `/commit/`). Read from
 huggingface_hub 2.4 (`file_download.get_hf_file_metadata`, `_get_metadata_or_catch_error`, `utils/_http.py`
 `hf_raise_for_status`, `hf_api.model_info` / `list_repo_refs` / `create_repo`, `_commit_api`).
 
@@ -284,6 +284,19 @@ class _Handler(BaseHTTPRequestHandler):
             if exists:
                 return self._error(409, 'RepoExists', 'You already created this model repo')
             return self._json(200, {'url': f'{self.hub.url}/{repo_id}', 'name': repo_id})
+        if parts == ['api', 'validate-yaml']:
+            # the Hub checks a model card's metadata (README front matter, or bare YAML) before a commit
+            import yaml
+            content = json.loads(body)['content']
+            if content.startswith('---'):
+                content = content.split('---', 2)[1]
+            try:
+                ok = isinstance(yaml.safe_load(content), dict)
+            except yaml.YAMLError:
+                ok = False
+            if not ok:
+                return self._error(400, 'BadRequest', 'README.md metadata is not a YAML mapping')
+            return self._json(200, {'errors': [], 'warnings': []})
         if parts[:2] == ['api', 'models'] and len(parts) == 6 and parts[4] == 'preupload':
             files = json.loads(body)['files']
             # every file goes inline in the commit ("regular"): no LFS batch/xet transfer to emulate
