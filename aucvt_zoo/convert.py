@@ -333,9 +333,8 @@ def build_converted(state_dict: Dict[str, torch.Tensor], report: Dict[str, Any])
     Raises:
         ConversionError: missing/unexpected keys or shape mismatches, listed by name.
     """
-    import timm
+    import timm  # the zoo's models are registered: importing aucvt_zoo.convert imported aucvt_zoo
 
-    from . import MODEL_NAMES  # noqa: F401  (registers the zoo's models with timm)
     model = timm.create_model(report['architecture'], pretrained=False, **report.get('model_args', {}))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))

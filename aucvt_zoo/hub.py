@@ -183,8 +183,13 @@ def _weights_source(variant: str, kwargs: Dict[str, Any]) -> Tuple[str, Any, Any
 def _prefetch(variant: str, kwargs: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any], str]:
     """Fetch and verify the weight file before timm loads it; returns (kwargs for timm, the file's facts, source)."""
     load_from, location, filename = _weights_source(variant, kwargs)
-    if load_from == 'file' and str(location).endswith('.safetensors'):
-        return kwargs, read_weight_facts(location), str(location)
+    if load_from == 'file':
+        if not Path(location).is_file():
+            raise PretrainedWeightsError(
+                f'No weight file at {str(location)!r} (pretrained_cfg_overlay file=...) for {variant!r}: check the '
+                f'path, or drop the overlay to load the weights from the Hub.')
+        if str(location).endswith('.safetensors'):
+            return kwargs, read_weight_facts(location), str(location)
     if load_from != 'hf-hub' or not filename.endswith('.safetensors'):
         return kwargs, {}, str(location)
 

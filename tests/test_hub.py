@@ -177,6 +177,9 @@ def test_wrong_architecture_and_wrong_au_set_are_refused(tmp_path, local_hub):
 
 def test_file_without_zoo_header_still_names_keys_and_shapes(tmp_path):
     from safetensors.torch import save_file
+    with pytest.raises(PretrainedWeightsError, match='No weight file at .*nowhere.safetensors'):
+        timm.create_model('aucvt_raf_tiny', pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / 'nowhere.safetensors')))
     path = tmp_path / 'plain.safetensors'
     save_file(timm.create_model('aucvt_raf_tiny').state_dict(), str(path))  # no aucvt_zoo facts in the header
     with pytest.raises(PretrainedWeightsError, match=r'size mismatch for au_head\.regions\.mouth\.fc\.weight'):
