@@ -397,3 +397,18 @@ def test_table_command_prints_the_manifest_table(capsys):
     assert printed == convert.weights_table()
     entries = json.loads((ROOT / 'weights' / 'manifest.json').read_text())['entries']
     assert len(printed.splitlines()) == len(entries) + 2
+
+
+def test_trainer_hub_folder_converts_bitwise(tmp_path):
+    from timm.models import save_for_hf
+    torch.manual_seed(3)
+    model = timm.create_model('aucvt_raf_tiny', num_classes=4).eval()
+    save_for_hf(model, tmp_path / 'run', safe_serialization=True)  # what a training run leaves behind
+    state_dict, report = convert.convert_zoo_checkpoint(tmp_path / 'run')
+    assert report['architecture'] == 'aucvt_raf_tiny' and report['model_args']['num_classes'] == 4
+    release = convert.save_release(convert.build_converted(state_dict, report), tmp_path / 'release')
+    from safetensors.torch import load_file
+    released = load_file(str(tmp_path / 'release' / 'model.safetensors'))
+    assert released.keys() == model.state_dict().keys()
+    assert all(torch.equal(released[k], v) for k, v in model.state_dict().items())
+    assert release['sha256'] == sha256_file(tmp_path / 'release' / 'model.safetensors')
