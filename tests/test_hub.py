@@ -175,6 +175,13 @@ def test_wrong_architecture_and_wrong_au_set_are_refused(tmp_path, local_hub):
         timm.create_model('aucvt_raf_tiny', pretrained=True, au_labels=swapped, **weights)
 
 
+def test_wrong_num_classes_names_the_classifier_shapes(tmp_path, local_hub):
+    _, folder = release(tmp_path, 'aucvt_raf_tiny', num_classes=4)
+    local_hub.add_commit(RAF_REPO, folder)  # the registered config promises 6 expressions
+    with pytest.raises(PretrainedWeightsError, match=r'(?s)size mismatch for head\.weight.*\[4, 6272\].*\[6, 6272\]'):
+        timm.create_model('aucvt_raf_tiny', pretrained=True)
+
+
 def test_file_without_zoo_header_still_names_keys_and_shapes(tmp_path):
     from safetensors.torch import save_file
     with pytest.raises(PretrainedWeightsError, match='No weight file at .*nowhere.safetensors'):
