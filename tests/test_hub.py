@@ -211,28 +211,28 @@ def test_new_num_classes_keeps_backbone_and_au_branch(tmp_path, local_hub):
     assert torch.equal(aus, outputs(model, X)[1])
 
 
-def test_environment_variables_in_a_fresh_process(tmp_path):
-    """HF_ENDPOINT / HF_HUB_OFFLINE as a user sets them: online load, then offline from the warm cache."""
+def test_environment_variables_in_a_fresh_process(tmp_path, monkeypatch):
+    """HF_ENDPOINT / HF_HUB_CACHE as a user sets them select the server in a new process; its cache then serves
+    an offline load."""
     model, folder = release(tmp_path, 'aucvt_raf_tiny')
-    expected = outputs(model, X)[1].sum().item()
     torch.save(X, tmp_path / 'x.pt')
     script = (
-        'import sys, torch, timm, aucvt_zoo\n'
-        f'm = timm.create_model("aucvt_raf_tiny", pretrained=True).eval()\n'
+        'import torch, timm, aucvt_zoo\n'
+        'm = timm.create_model("aucvt_raf_tiny", pretrained=True).eval()\n'
         f'x = torch.load({str(tmp_path / "x.pt")!r})\n'
         'with torch.no_grad(): print(repr(m.forward_with_aus(x)[1].sum().item()))\n')
-    env_extra = dict(PYTHONPATH=str(ROOT), AUCVT_ZOO_MANIFEST=str(tmp_path / 'none.json'))
+    env = dict(hub_env('http://127.0.0.1:9', tmp_path / 'cache'), PYTHONPATH=str(ROOT),
+               AUCVT_ZOO_MANIFEST=str(tmp_path / 'none.json'))
     with LocalHub() as server:
         server.add_commit(RAF_REPO, folder)
-        url = server.url
-        online = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=300,
-                                env=dict(hub_env(url, tmp_path / 'cache'), **env_extra))
+        env['HF_ENDPOINT'] = url = server.url
+        online = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=300, env=env)
         assert online.returncode == 0, online.stderr
         assert server.count('GET', '/_lfs/') == 1
-    offline = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=300,
-                             env=dict(hub_env(url, tmp_path / 'cache', offline=True), **env_extra))
-    assert offline.returncode == 0, offline.stderr
-    assert float(online.stdout) == float(offline.stdout) == expected
+    assert float(online.stdout) == outputs(model, X)[1].sum().item()
+    use_endpoint(monkeypatch, url, tmp_path / 'cache', offline=True)
+    monkeypatch.setenv(hub.MANIFEST_ENV, str(tmp_path / 'none.json'))
+    assert_same(model, timm.create_model('aucvt_raf_tiny', pretrained=True).eval(), X)
 
 
 def test_manifest_lists_every_registered_checkpoint_honestly():
