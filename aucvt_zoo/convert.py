@@ -2,8 +2,10 @@
 
     python -m aucvt_zoo.convert evolve backbone_ir50_ms1m_epoch120.pth --out out/ir50.ms1m
     python -m aucvt_zoo.convert evolve backbone_ir50_ms1m_epoch120.pth --target embedding --out out/ir50_embedding
-    python -m aucvt_zoo.convert authors checkpoint_best.pth --out out/aucvt_raf_released.lsd --entry aucvt_raf_released.lsd
-    python -m aucvt_zoo.convert checkpoint runs/aucvt_openface --out out/aucvt_openface.lsd --push aucvt-zoo/aucvt_openface.lsd
+    python -m aucvt_zoo.convert authors checkpoint_best.pth --out out/aucvt_raf_released.lsd \
+        --entry aucvt_raf_released.lsd
+    python -m aucvt_zoo.convert checkpoint runs/aucvt_openface --out out/aucvt_openface.lsd \
+        --push aucvt-zoo/aucvt_openface.lsd
     python -m aucvt_zoo.convert table          # the README "Weights" table, from weights/manifest.json
 
 Inputs:
@@ -118,7 +120,10 @@ def unwrap_state_dict(checkpoint: Dict[str, Any]) -> Dict[str, torch.Tensor]:
 
 
 # --- face.evoLVe IR -----------------------------------------------------------------------------------------------
-def evolve_units(state_dict: Dict[str, torch.Tensor], what: str = 'checkpoint') -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+def evolve_units(
+        state_dict: Dict[str, torch.Tensor],
+        what: str = 'checkpoint',
+) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
     """Units per stage and stage widths of a face.evoLVe IR state dict (`input_layer.*`, `body.N.*` keys).
 
     A stage starts at unit 0 and at every unit with a projection shortcut (`shortcut_layer`), i.e. where the width
@@ -268,10 +273,12 @@ def convert_authors(state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torc
             f'norm_AU_up/low + upperAU_head/lowerAU_head), and the unused {", ".join(AUTHORS_UNUSED)}.')
     for required in ('patch_embed.weight', 'pos_embed', 'fc_norm.weight', 'head.weight'):
         if required not in out:
-            raise ConversionError(f'The checkpoint has no {_authors_name(required)}; the authors\' model always has it.')
+            raise ConversionError(
+                f'The checkpoint has no {_authors_name(required)}; the authors\' model always has it.')
     stages = sorted(blocks)
     if stages != list(range(len(stages))) or any(sorted(blocks[s]) != list(range(len(blocks[s]))) for s in stages):
-        raise ConversionError(f'Transformer blocks are not contiguous: found {dict((s, sorted(b)) for s, b in blocks.items())}.')
+        found = {s: sorted(b) for s, b in blocks.items()}
+        raise ConversionError(f'Transformer blocks are not numbered 0..n-1 per stage: found {found}.')
     dim = int(out['patch_embed.weight'].shape[0])
     model_args = dict(
         trunk_layers=layers, trunk_channels=channels,
@@ -425,9 +432,10 @@ def render_card(model: nn.Module, entry: Dict[str, Any], result: Dict[str, Any],
                    dataset_type=m.get('dataset_type', 'custom'), dataset_name=m['dataset'],
                    dataset_split=m.get('split'), metric_type=m['type'], metric_name=m.get('name', m['type']),
                    metric_value=m['value'])
-        for m in metrics if m.get('value') is not None]
+        for m in metrics if m.get('value') is not None and not m.get('reported_by')]  # measured on this file only
+    license_name = {'license_name': entry['license_name']} if entry.get('license_name') else {}
     data = ModelCardData(
-        license=entry.get('license') or cfg.get('license') or 'apache-2.0', library_name='timm',
+        license=entry.get('license') or cfg.get('license') or 'apache-2.0', library_name='timm', **license_name,
         pipeline_tag='image-classification', datasets=entry.get('datasets') or None,
         tags=['image-classification', 'timm', 'facial-expression-recognition', 'action-units', 'aucvt_zoo'],
         model_name=result['model'], eval_results=eval_results or None,
@@ -435,12 +443,12 @@ def render_card(model: nn.Module, entry: Dict[str, Any], result: Dict[str, Any],
     au_names = getattr(model, 'au_names', ())
     metric_lines = '\n'.join(
         f'| {m.get("name", m["type"])} | {m["dataset"]}{" (" + m["split"] + ")" if m.get("split") else ""} | '
-        f'{m["value"] if m.get("value") is not None else "not measured yet"} | {m.get("protocol", "")} |'
-        for m in metrics) or '| - | - | not measured yet | - |'
+        f'{_metric_value(m)} | {m.get("protocol", "")} |' for m in metrics) or '| - | - | not measured yet | - |'
     values = dict(
         model=result['model'], architecture=result['architecture'], repo_id=result['repo_id'],
         description=entry.get('description') or cfg.get('description') or '',
-        license=data.license, data_terms=entry.get('data_terms') or 'See the training data\'s own terms.',
+        license=data.license + (f' ({entry["license_name"]})' if entry.get('license_name') else ''),
+        data_terms=entry.get('data_terms') or 'See the training data\'s own terms.',
         training_data=entry.get('training_data') or 'Not recorded.',
         source=result['source'] or 'Not recorded.',
         dropped=', '.join(f'`{k}`' for k in _collapse(result['dropped'])) or 'none',
@@ -452,6 +460,14 @@ def render_card(model: nn.Module, entry: Dict[str, Any], result: Dict[str, Any],
     )
     body = string.Template(template.read_text(encoding='utf-8')).substitute(values)
     return f'---\n{data.to_yaml()}\n---\n{body}'
+
+
+def _metric_value(metric: Dict[str, Any]) -> str:
+    if metric.get('value') is None:
+        return 'not measured yet'
+    if metric.get('reported_by'):
+        return f'not measured on this file ({metric["reported_by"]} reports {metric["value"]})'
+    return str(metric['value'])
 
 
 def push_release(out_dir: os.PathLike, repo_id: str, revision: Optional[str] = None,
@@ -485,8 +501,9 @@ def weights_table(manifest: Optional[Dict[str, Any]] = None) -> str:
         else:
             metric = 'not measured'
         status = 'published' if e.get('status') == 'published' else 'not published yet (planned)'
-        rows.append(f'| `{e["model"]}` | `{e["repo_id"]}` | {status} | {e.get("source_short", "")} | '
-                    f'{e.get("license", "")} | {metric} | {(e.get("sha256") or "-")[:12]} |')
+        licence = e.get('license', '') + (f': {e["license_name"]}' if e.get('license_name') else '')
+        rows.append(f'| `{e["model"]}` | `{e["repo_id"]}` | {status} | {e.get("source_short", "")} | {licence} | '
+                    f'{metric} | {(e.get("sha256") or "-")[:12]} |')
     return '\n'.join(rows)
 
 
@@ -529,7 +546,7 @@ def _collapse(keys: Sequence[str]) -> List[str]:
 def _layout_guess(keys: Sequence[str]) -> str:
     """A short description of an unknown state dict: the InsightFace/AdaFace markers or the top-level modules."""
     tops = sorted({k.split('.')[0] for k in keys})
-    if any(k.startswith('layer1.') for k in keys) or 'bn1.weight' in keys or any(k.startswith('features.') for k in keys):
+    if 'bn1.weight' in keys or any(k.startswith(('layer1.', 'features.')) for k in keys):
         return (f'an InsightFace-style ResNet (modules {", ".join(tops[:10])}: conv1/bn1/prelu, layer1-4, '
                 f'features/fc)')
     if any(re.match(r'body\.\d+\.res_layer\.5\.', k) for k in keys):

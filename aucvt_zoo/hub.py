@@ -107,7 +107,12 @@ def load_manifest(path: Optional[Path] = None) -> Dict[str, Any]:
     return manifest
 
 
-def known_sha256(repo_id: str, filename: str, revisions: Tuple[str, ...], manifest: Optional[Dict] = None) -> Optional[str]:
+def known_sha256(
+        repo_id: str,
+        filename: str,
+        revisions: Tuple[str, ...],
+        manifest: Optional[Dict] = None,
+) -> Optional[str]:
     """The sha256 the manifest records for `filename` of `repo_id` at any of `revisions` (a ref or its commit)."""
     manifest = manifest if manifest is not None else load_manifest()
     for entry in manifest['entries']:

@@ -3,9 +3,9 @@
 Enough of the Hub's protocol for `hf_hub_download` (HEAD/GET `/<repo>/resolve/<revision>/<file>` with the
 `X-Repo-Commit`, `ETag`, `X-Linked-Etag`, `X-Linked-Size` and `Location` headers), timm's `hf-hub:` config
 resolution, `model_info` (`/api/models/<repo>[/revision/<rev>]`), `list_repo_refs` (`/api/models/<repo>/refs`) and
-an upload through `HfApi.upload_folder` (`/api/repos/create`, `/api/validate-yaml`, `/preupload/`, `/commit/`). Read from
-huggingface_hub 2.4 (`file_download.get_hf_file_metadata`, `_get_metadata_or_catch_error`, `utils/_http.py`
-`hf_raise_for_status`, `hf_api.model_info` / `list_repo_refs` / `create_repo`, `_commit_api`).
+an upload through `HfApi.upload_folder` (`/api/repos/create`, `/api/validate-yaml`, `/preupload/`, `/commit/`).
+Read from huggingface_hub 2.4 (`file_download.get_hf_file_metadata`, `_get_metadata_or_catch_error`,
+`utils/_http.py` `hf_raise_for_status`, `hf_api.model_info` / `list_repo_refs` / `create_repo`, `_commit_api`).
 
 Like the real Hub, weight files (`*.safetensors`, `*.bin`, `*.pth`) are "LFS" files: a HEAD or GET on `resolve`
 answers 302 with the file's sha256 as `X-Linked-Etag` and a `Location` on another host (`localhost` instead of
@@ -165,7 +165,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(payload).encode(), headers, content_type='application/json')
 
     def _error(self, status: int, code: str, message: str, headers: Optional[Dict[str, str]] = None) -> None:
-        self._json(status, {'error': message}, dict(headers or {}, **{'X-Error-Code': code, 'X-Error-Message': message}))
+        headers = dict(headers or {}, **{'X-Error-Code': code, 'X-Error-Message': message})
+        self._json(status, {'error': message}, headers)
 
     def _body(self) -> bytes:
         length = int(self.headers.get('Content-Length') or 0)

@@ -299,7 +299,8 @@ def test_authors_wrong_au_heads_are_refused_with_shapes():
     sd = convert.unwrap_state_dict(checkpoint)
     sd['vit.head_AU3.weight'], sd['vit.head_AU3.bias'] = torch.zeros(9, 64), torch.zeros(9)
     converted, report = convert.convert_authors(sd)
-    with pytest.raises(ConversionError, match=r'au_head\.regions\.mouth\.fc\.weight: found \(9, 64\), expected \(14, 64\)'):
+    expected = r'au_head\.regions\.mouth\.fc\.weight: found \(9, 64\), expected \(14, 64\)'
+    with pytest.raises(ConversionError, match=expected):
         convert.build_converted(converted, report)
 
 

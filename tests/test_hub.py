@@ -119,7 +119,12 @@ def test_hf_hub_name_and_revision_pinning(tmp_path, local_hub):
     assert latest.au_names == aucvt_zoo.AU_SETS['openface16']
     assert_same(first, timm.create_model(f'hf-hub:{repo}@v1', pretrained=True).eval(), X)
     assert_same(first, timm.create_model(f'hf-hub:{repo}@{commit1}', pretrained=True).eval(), X)
-    # the same pin for a registered name
+    # what a user runs to find the commit behind a tag, and the same pin for a registered name
+    from huggingface_hub import HfApi
+    api = HfApi()
+    assert api.model_info(repo, revision='v1').sha == commit1
+    assert [(t.name, t.target_commit) for t in api.list_repo_refs(repo).tags] == [('v1', commit1)]
+    assert sorted(s.rfilename for s in api.model_info(repo).siblings) == ['README.md', 'config.json', 'model.safetensors']
     pinned = timm.create_model('aucvt_openface_tiny', pretrained=True,
                                pretrained_cfg_overlay=dict(hf_hub_id=f'{repo}@v1')).eval()
     assert_same(first, pinned, X)
@@ -193,7 +198,8 @@ def test_file_without_zoo_header_still_names_keys_and_shapes(tmp_path):
         timm.create_model('aucvt_openface_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     with pytest.raises(PretrainedWeightsError, match='size mismatch for head.weight'):
         # a flatten head sized for another grid: the wrong architecture, by shape alone
-        timm.create_model('aucvt_raf_tiny', pretrained=True, global_pool='avg', pretrained_cfg_overlay=dict(file=str(path)))
+        timm.create_model('aucvt_raf_tiny', pretrained=True, global_pool='avg',
+                          pretrained_cfg_overlay=dict(file=str(path)))
 
 
 def test_new_num_classes_keeps_backbone_and_au_branch(tmp_path, local_hub):
