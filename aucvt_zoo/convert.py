@@ -30,6 +30,7 @@ Anything else needs `--trust-pickle`, for files from a source you trust: unpickl
 import argparse
 import json
 import os
+import pickle
 import re
 import string
 import sys
@@ -93,7 +94,7 @@ def load_checkpoint(path: os.PathLike, trust_pickle: bool = False) -> Dict[str, 
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as err:
-        if not isinstance(err, __import__('pickle').UnpicklingError):
+        if not isinstance(err, pickle.UnpicklingError):
             raise ConversionError(f'{str(path)!r} is not a readable torch checkpoint ({_first_line(err)}).') from err
         raise ConversionError(
             f'{str(path)!r} contains pickled Python objects that torch.load(weights_only=True) refuses to build '
