@@ -64,7 +64,7 @@ AUTHORS_UNUSED = ('norm.', 'vit.pools.', 'vit.pos_block.', 'vit.output_layer.')
 # The authors' attention heads are 32 wide (16 heads at width 512).
 AUTHORS_HEAD_DIM = 32
 _IR50_LAYERS = (3, 4, 14, 3)
-_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / 'weights' / 'model_card.md'
+_CARD_TEMPLATE = Path(__file__).resolve().parent / 'weights' / 'model_card.md'
 
 
 class ConversionError(ValueError):

@@ -88,7 +88,7 @@ def zoo_default_cfgs(cfgs: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
 def manifest_path() -> Path:
     """The weights manifest in use: `$AUCVT_ZOO_MANIFEST`, else `weights/manifest.json` beside the package."""
     override = os.environ.get(MANIFEST_ENV)
-    return Path(override) if override else Path(__file__).resolve().parent.parent / 'weights' / 'manifest.json'
+    return Path(override) if override else Path(__file__).resolve().parent / 'weights' / 'manifest.json'
 
 
 def load_manifest(path: Optional[Path] = None) -> Dict[str, Any]:

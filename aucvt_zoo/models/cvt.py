@@ -407,20 +407,28 @@ def _create_cvt(variant: str, pretrained: bool = False, **kwargs) -> CVT:
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
-    return zoo_cfg(**dict(dict(first_conv='trunk.stem.0', classifier='head', pool_size=(7, 7), fixed_input_size=True), **kwargs))
+    defaults = dict(first_conv='trunk.stem.0', classifier='head', pool_size=(7, 7), fixed_input_size=True)
+    return zoo_cfg(**dict(defaults, **kwargs))
 
 
 _LSD = 'Fine-tuned on ABAW4 LSD (synthetic Aff-Wild2 expressions); IR-50 from MS-Celeb-1M.'
+# Weights trained on LSD / MS-Celeb-1M inherit those datasets' research-only terms (weights/manifest.json).
+_RESEARCH_ONLY = 'other'
 _FACS = 'Trained on the built-in procedural FACS faces: a demonstration, not a model of real expressions.'
 default_cfgs = zoo_default_cfgs({
-    'cvt_ir50.lsd': _cfg(description='CVT (paper Table 1 row 3). ' + _LSD),
-    'aucvt_raf.lsd': _cfg(description='AU-CVT with RAF-AU supervision (paper Table 1 row 4). ' + _LSD),
-    'aucvt_openface.lsd': _cfg(description='AU-CVT with OpenFace pseudo-AUs (paper Table 1 row 5). ' + _LSD),
-    'cvt_ir50_released.lsd': _cfg(pool_size=(14, 14), description='CVT, authors\' released-code layout. ' + _LSD),
+    'cvt_ir50.lsd': _cfg(license=_RESEARCH_ONLY, description='CVT (paper Table 1 row 3). ' + _LSD),
+    'aucvt_raf.lsd': _cfg(
+        license=_RESEARCH_ONLY, description='AU-CVT with RAF-AU supervision (paper Table 1 row 4). ' + _LSD),
+    'aucvt_openface.lsd': _cfg(
+        license=_RESEARCH_ONLY, description='AU-CVT with OpenFace pseudo-AUs (paper Table 1 row 5). ' + _LSD),
+    'cvt_ir50_released.lsd': _cfg(
+        pool_size=(14, 14), license=_RESEARCH_ONLY, description='CVT, authors\' released-code layout. ' + _LSD),
     'aucvt_raf_released.lsd': _cfg(
-        pool_size=(14, 14), description='AU-CVT RAF-AU, authors\' released-code layout (7 regions). ' + _LSD),
+        pool_size=(14, 14), license=_RESEARCH_ONLY,
+        description='AU-CVT RAF-AU, authors\' released-code layout (7 regions). ' + _LSD),
     'aucvt_openface_released.lsd': _cfg(
-        pool_size=(14, 14), description='AU-CVT OpenFace, authors\' released-code layout (2 regions). ' + _LSD),
+        pool_size=(14, 14), license=_RESEARCH_ONLY,
+        description='AU-CVT OpenFace, authors\' released-code layout (2 regions). ' + _LSD),
     'cvt_ir50_tiny.facs': _cfg(description='Narrow CVT for tests and demos. ' + _FACS),
     'aucvt_raf_tiny.facs': _cfg(description='Narrow AU-CVT (rafau21) for tests and demos. ' + _FACS),
     'aucvt_openface_tiny.facs': _cfg(description='Narrow AU-CVT (openface16) for tests and demos. ' + _FACS),

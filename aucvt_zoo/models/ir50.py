@@ -206,7 +206,7 @@ default_cfgs = zoo_default_cfgs({
     'ir50.ms1m': _cfg(
         description='face.evoLVe IR-50 trained for face recognition on MS-Celeb-1M; the expression head is new.',
         origin_url='https://github.com/ZhaoJ9014/face.evoLVe',
-        license='mit',
+        license='other',  # the code is MIT; the MS-Celeb-1M weights carry the dataset's research-only terms
         paper_ids=('arXiv:1801.07698', 'arXiv:2207.09777'),
     ),
     'ir50_tiny.facs': _cfg(description='Narrow, shallow IR-ResNet for tests and CPU demos.'),
