@@ -245,7 +245,8 @@ class CVT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, grid[0], grid[1], embed_dims[0])) if pos_embed else None
         self.pos_drop = nn.Dropout(drop_rate)
 
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        # stochastic depth rising linearly over the blocks (plain floats: works under `with torch.device('meta')`)
+        dpr = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]
         block_kwargs = dict(
             mlp_ratio=mlp_ratio, conv_ffn=conv_ffn, qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
             norm_eps=norm_eps)
