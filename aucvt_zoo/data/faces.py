@@ -557,7 +557,12 @@ def _pose_matrix(idt: Identity, unit: float) -> np.ndarray:
     angle = math.radians(idt.rotation)
     rot = idt.scale * np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
     offset = _POSE_CENTER - rot @ _POSE_CENTER + np.asarray(idt.shift, float)
-    return unit * np.concatenate([rot, offset[:, None]], 1)
+    matrix = unit * np.concatenate([rot, offset[:, None]], 1)
+    # Pillow puts integer coordinates on pixel centres. The box filter of the supersampled canvas averages canvas
+    # pixels k*i .. k*i+k-1 into output pixel i, so output pixel centre i is canvas coordinate k*i + (k-1)/2:
+    # this offset makes frame coordinates land on output pixel-centre coordinates (a point at 56 is pixel 56).
+    matrix[:, 2] += (_SUPERSAMPLE - 1) / 2.0
+    return matrix
 
 
 _GRIDS: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
@@ -640,10 +645,10 @@ def render(
     image = image.reduce(_SUPERSAMPLE)
     if style == 'real':
         image = _photograph(image, np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1 << 21,))))
-    # canvas pixel centres 2i and 2i+1 average into output pixel i, whose centre is canvas coordinate 2i + 0.5
-    to_pixels = matrix / _SUPERSAMPLE
-    shift = (_SUPERSAMPLE - 1) / (2.0 * _SUPERSAMPLE)
-    points = {k: (v @ to_pixels[:, :2].T + to_pixels[:, 2] - shift).astype(np.float32) for k, v in geometry.items()}
+    to_pixels = _pose_matrix(identity, size / 112.0 * _SUPERSAMPLE)
+    to_pixels[:, 2] -= (_SUPERSAMPLE - 1) / 2.0
+    to_pixels /= _SUPERSAMPLE
+    points = {k: (v @ to_pixels[:, :2].T + to_pixels[:, 2]).astype(np.float32) for k, v in geometry.items()}
     landmarks = np.stack([points[k] for k in ('eye_left', 'eye_right', 'nose_tip', 'mouth_left', 'mouth_right')])
     if return_geometry:
         return image, landmarks, points
