@@ -289,3 +289,35 @@ def test_render_grid_example_writes_both_pictures(tmp_path):
     for name in ('expressions.png', 'aus.png'):
         image = Image.open(tmp_path / name)
         assert image.width > 200 and image.height > 200
+
+
+def test_exported_split_reads_back_through_the_real_readers(tmp_path):
+    """LSD folders, the OpenFace-style CSV, raw OpenFace CSVs and RAF-AU give the labels FacsFaces gives."""
+    from aucvt_zoo.data.openface import openface_to_labels
+    from aucvt_zoo.data.readers import LabelCsv, LsdFolder, RafAu
+    n = 18
+    written = export_split(str(tmp_path), n, style='synthetic', seed=11, label_noise=0.1,
+                           formats=('lsd', 'openface', 'rafau', 'openface_raw'))
+    ds = FacsFaces(n, seed=11, label_noise=0.1)
+    labels = [ds.labels(i) for i in range(n)]
+    by_name = {f'{i:06d}': x for i, x in enumerate(labels)}
+    lsd = LsdFolder(written['lsd'])
+    assert len(lsd) == n
+    for path, expression in lsd.samples:
+        assert expression == by_name[os.path.splitext(os.path.basename(path))[0]].label
+    image, expression, _ = lsd[0]
+    stem = os.path.splitext(os.path.basename(lsd.samples[0][0]))[0]
+    assert torch.equal(image, FacsFaces(n, seed=11, label_noise=0.1)[int(stem)][0])  # same pixels as the dataset
+    table = LabelCsv(written['openface'], au_names='openface16')
+    assert [e for _, e in table.samples] == [x.label for x in labels]
+    assert torch.equal(table.au_targets, torch.tensor(np.stack([x.targets(AU_SETS['openface16']) for x in labels])))
+    converted = str(tmp_path / 'converted.csv')
+    openface_to_labels(written['openface_raw'], converted, images=written['lsd'], expressions_from_folders=True)
+    from_raw = LabelCsv(converted, au_names='openface16')
+    targets = {os.path.basename(p)[:6]: t for (p, _), t in zip(from_raw.samples, from_raw.au_targets)}
+    assert len(targets) == n
+    assert all(targets[k].tolist() == by_name[k].targets(AU_SETS['openface16']).tolist() for k in targets)
+    raf = RafAu(os.path.dirname(written['rafau']), au_names='rafau21')
+    assert len(raf) == n and all(e == -1 for _, e in raf.samples)
+    assert torch.equal(raf.au_targets, torch.tensor(np.stack([x.targets(AU_SETS['rafau21']) for x in labels])))
+    assert raf[3][0].shape == (3, 112, 112)

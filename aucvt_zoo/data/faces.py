@@ -120,12 +120,12 @@ class FaceLabels:
     intensities: Dict[str, float]
 
     def present(self) -> Tuple[str, ...]:
-        """The AUs at or above the presence threshold, in rafau21 order."""
-        return tuple(au for au in RENDERED_AUS if self.intensities.get(au, 0.0) >= AU_PRESENCE_THRESHOLD)
+        """The AUs at or above the presence threshold (`au_presence`), in rafau21 order."""
+        return tuple(au for au, p in zip(RENDERED_AUS, self.targets(RENDERED_AUS)) if p)
 
     def targets(self, au_names: Sequence[str]) -> np.ndarray:
-        """0/1 presence of each AU of `au_names` (canonical names), float32, in that order."""
-        return np.array([self.intensities.get(au, 0.0) >= AU_PRESENCE_THRESHOLD for au in au_names], np.float32)
+        """0/1 presence (`au_presence`) of each AU of `au_names` (canonical names), float32, in that order."""
+        return au_presence(np.array([self.intensities.get(au, 0.0) for au in au_names], np.float64)).astype(np.float32)
 
 
 def sample_labels(index: int, seed: int = 0, style: str = 'synthetic', label_noise: float = 0.0) -> FaceLabels:

@@ -7,6 +7,9 @@ So a demo exercises the same readers as real data:
   with 0/1 presence (aucvt_zoo.data.faces.AU_PRESENCE_THRESHOLD) and image paths relative to the CSV's folder.
   It lists the images of `lsd/`, as the paper's LSD-OpenFace setting labels the LSD images (they are written
   even when `lsd` is not among the formats).
+- `openface_raw/<EXPRESSION>/<index>.csv`: what OpenFace 2.x FaceLandmarkImg would write per image (one face,
+  confidence 1, `AUxx_r` = 5 x intensity, `AUxx_c` = presence), so `aucvt_zoo.data.openface` can turn them into
+  the label CSV as it does for real OpenFace output. The faces' labels stand in for OpenFace's: no detector runs.
 - `rafau/RAFAU_label.txt` with `rafau/aligned/<nnnn>_aligned.jpg`: RAF-AU's label file (`0001.jpg 1+2+25` or
   `null`, AUs of rafau21) and its aligned-image folder. RAF-AU carries AUs only, no expression.
 - `README.txt`: what the folder is (rendered cartoons, not LSD or RAF-AU) and how it was made.
@@ -19,11 +22,11 @@ import os
 from typing import Dict, List, Optional, Sequence, Union
 
 from ..labels import EXPRESSIONS, resolve_aus
-from .faces import AU_PRESENCE_THRESHOLD, PROTOTYPE_SOURCE, RENDERED_AUS, FacsFaces
+from .faces import AU_PRESENCE_THRESHOLD, PROTOTYPE_SOURCE, RENDERED_AUS, FacsFaces, au_presence
 
 __all__ = ['FORMATS', 'LSD_FOLDERS', 'export_split', 'main']
 
-FORMATS = ('lsd', 'openface', 'rafau')
+FORMATS = ('lsd', 'openface', 'rafau', 'openface_raw')
 
 # LSD's folder names (ABAW4 release): upper case, with anger spelled ANGRER.
 LSD_FOLDERS: Dict[str, str] = {
@@ -32,12 +35,27 @@ LSD_FOLDERS: Dict[str, str] = {
 }
 
 
+# The AU columns of OpenFace 2.x, in its order: intensities (AUxx_r) lack AU28, presence (AUxx_c) has it.
+_OPENFACE_R = (1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 17, 20, 23, 25, 26, 45)
+_OPENFACE_C = (1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 17, 20, 23, 25, 26, 28, 45)
+
+
+def _write_openface_csv(path: str, intensities: Dict[str, float]) -> None:
+    """One face as OpenFace 2.0's FaceLandmarkImg writes it (", "-separated header), AU columns only."""
+    header = ['face', 'confidence'] + [f'AU{n:02d}_r' for n in _OPENFACE_R] + [f'AU{n:02d}_c' for n in _OPENFACE_C]
+    value = [intensities.get(f'AU{n}', 0.0) for n in _OPENFACE_R]
+    present = [int(au_presence(intensities.get(f'AU{n}', 0.0))) for n in _OPENFACE_C]
+    row = ['0', '1.00'] + [f'{5.0 * v:.2f}' for v in value] + [f'{p:.2f}' for p in present]
+    with open(path, 'w') as f:
+        f.write(', '.join(header) + '\n' + ', '.join(row) + '\n')
+
+
 def export_split(
         out_dir: str,
         length: int,
         style: str = 'synthetic',
         seed: int = 0,
-        formats: Sequence[str] = FORMATS,
+        formats: Sequence[str] = ('lsd', 'openface', 'rafau'),
         au_names: Union[str, Sequence[Union[str, int]]] = 'openface16',
         size: int = 112,
         label_noise: float = 0.0,
@@ -49,7 +67,7 @@ def export_split(
 
     Args:
         out_dir: folder to write to (created).
-        formats: any of 'lsd', 'openface', 'rafau'.
+        formats: any of FORMATS: 'lsd', 'openface', 'rafau', 'openface_raw'.
         au_names: AU columns of the OpenFace-style CSV (the RAF-AU file always uses rafau21's AUs).
 
     Returns:
@@ -62,11 +80,15 @@ def export_split(
     csv_aus = dataset.au_names
     os.makedirs(out_dir, exist_ok=True)
     written: Dict[str, str] = {}
-    write_lsd = 'lsd' in formats or 'openface' in formats
+    write_lsd = 'lsd' in formats or 'openface' in formats or 'openface_raw' in formats
     lsd_root = os.path.join(out_dir, 'lsd')
     if write_lsd:
         for folder in LSD_FOLDERS.values():
             os.makedirs(os.path.join(lsd_root, folder), exist_ok=True)
+    raw_root = os.path.join(out_dir, 'openface_raw')
+    if 'openface_raw' in formats:
+        for folder in LSD_FOLDERS.values():
+            os.makedirs(os.path.join(raw_root, folder), exist_ok=True)
     rafau_root = os.path.join(out_dir, 'rafau')
     if 'rafau' in formats:
         os.makedirs(os.path.join(rafau_root, 'aligned'), exist_ok=True)
@@ -82,6 +104,9 @@ def export_split(
             relative = f'{LSD_FOLDERS[expression]}/{i:0{digits}d}.png'
             image.save(os.path.join(lsd_root, relative))
             csv_rows.append([f'lsd/{relative}', expression] + [int(v) for v in labels.targets(csv_aus)])
+        if 'openface_raw' in formats:
+            _write_openface_csv(os.path.join(raw_root, f'{LSD_FOLDERS[expression]}/{i:0{digits}d}.csv'),
+                                labels.intensities)
         if 'rafau' in formats:
             stem = f'{i + 1:0{rafau_digits}d}'
             image.save(os.path.join(rafau_root, 'aligned', f'{stem}_aligned.jpg'), quality=95)
@@ -89,6 +114,8 @@ def export_split(
             rafau_lines.append(f'{stem}.jpg ' + ('+'.join(au[2:] for au in present) if present else 'null'))
     if 'lsd' in formats:
         written['lsd'] = lsd_root
+    if 'openface_raw' in formats:
+        written['openface_raw'] = raw_root
     if 'openface' in formats:
         path = os.path.join(out_dir, 'openface.csv')
         with open(path, 'w', newline='') as f:
