@@ -7,6 +7,7 @@ The faces are procedurally rendered cartoons (aucvt_zoo.data.faces), not photogr
 """
 import argparse
 import os
+from dataclasses import replace
 from typing import List, Optional
 
 import numpy as np
@@ -45,10 +46,11 @@ def expressions_grid(identities: int = 4, size: int = 96, seed: int = 0) -> Imag
     return _sheet(cells, rows, cols, size, 128)
 
 
-def aus_grid(levels=(0.0, 0.25, 0.5, 0.75, 1.0), size: int = 80, seed: int = 0) -> Image.Image:
+def aus_grid(levels=(0.0, 0.25, 0.5, 0.75, 1.0), size: int = 96, seed: int = 0) -> Image.Image:
     """Rows: each rendered AU alone; columns: rising intensity, on one aligned synthetic identity."""
     idt = sample_identity(np.random.default_rng([seed, 99]), 'synthetic').aligned()
-    idt = type(idt)(**{**idt.__dict__, 'hair_style': 0, 'hairline': 18.0})  # keep the forehead lines visible
+    # short hair, a high hairline and full brows keep the forehead lines and brow movements easy to see
+    idt = replace(idt, hair_style=0, hairline=16.0, brow_thickness=3.0, brow_color=(70, 50, 40))
     cells = [[render({au: level}, idt, 'synthetic', size)[0] for level in levels] for au in RENDERED_AUS]
     rows = [f'{au} {FACS_NAMES[au]}' for au in RENDERED_AUS]
     cols = [f'{level:.2f}' for level in levels]
@@ -74,7 +76,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     for name, image in (('expressions.png', expressions_grid(args.identities, seed=args.seed)),
                         ('aus.png', aus_grid(seed=args.seed))):
         path = os.path.join(args.out, name)
-        image.save(path, optimize=True)
+        # a 256-colour palette keeps the "real" style's noise from making the PNG several hundred KB
+        image.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
         print(f'wrote {path} ({image.width}x{image.height}, {os.path.getsize(path) // 1024} KB)')
 
 
