@@ -67,7 +67,8 @@ def aus_grid(levels=(0.0, 0.25, 0.5, 0.75, 1.0), size: int = 96, seed: int = 0) 
 def main(argv: Optional[List[str]] = None) -> None:
     """Write the expression and AU grids as PNGs."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--out', default=os.path.join(os.path.dirname(__file__), '..', 'docs', 'img'),
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    parser.add_argument('--out', default=os.path.join(repo, 'docs', 'img'),
                         help='output folder (default: docs/img of the repository)')
     parser.add_argument('--identities', type=int, default=4, help='identities per style in the expression grid')
     parser.add_argument('--seed', type=int, default=0)

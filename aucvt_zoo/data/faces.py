@@ -372,12 +372,11 @@ def _au_reader(aus: Mapping[Union[str, int], float]) -> Callable[[str], float]:
     return lambda name: values.get(name, 0.0)
 
 
-def _draw_face(canvas: _Canvas, a: Callable[[str], float], idt: Identity, style: str) -> Dict[str, np.ndarray]:
+def _draw_face(canvas: _Canvas, a: Callable[[str], float], idt: Identity) -> Dict[str, np.ndarray]:
     """Draw one face in the 112 frame; returns the named key points it drew (112 frame, before pose)."""
     geo: Dict[str, np.ndarray] = {}
     skin = idt.skin
     canvas.invisible = skin
-    line_dark = _shade(skin, 0.55)
     crease = _shade(skin, 0.78)   # wrinkles and folds: skin in shadow
 
     def fold(t: float) -> Color:  # a wrinkle whose depth grows with an AU intensity
@@ -456,8 +455,8 @@ def _draw_face(canvas: _Canvas, a: Callable[[str], float], idt: Identity, style:
         canvas.line(fold_pts, fold(min(depth, 0.95)), 1.0)
     canvas.line(np.array([[_CX - 3.0, 53.0], [_CX - 4.5, 64.0], [_CX - nw + 2.0, ala_y - 2.0]]), fold(0.35), 1.2)
     for s, side in ((-1.0, 'left'), (1.0, 'right')):
-        wing = np.array([[_CX + s * (nw - 1.5), ala_y - 4.0], [_CX + s * nw, ala_y], [_CX + s * (nw - 1.0), ala_y + 3.0],
-                         [_CX + s * 4.0, ala_y + 3.8]])
+        wing = np.array([[_CX + s * (nw - 1.5), ala_y - 4.0], [_CX + s * nw, ala_y],
+                         [_CX + s * (nw - 1.0), ala_y + 3.0], [_CX + s * 4.0, ala_y + 3.8]])
         canvas.line(wing, fold(0.6), 1.0)
         nostril_y = 73.6 - 1.5 * a('AU9')
         canvas.polygon(_ellipse(_CX + s * 3.2, nostril_y, 1.9 + 0.3 * a('AU9'), 1.05, 10), _shade(skin, 0.45))
@@ -512,8 +511,8 @@ def _draw_face(canvas: _Canvas, a: Callable[[str], float], idt: Identity, style:
         dy = idt.brow_height
         inner = np.array([ex[s] - s * 0.95 * ew - s * 2.5 * a('AU4'),
                           43.5 + dy - 5.5 * a('AU1') + 4.0 * a('AU4') + 2.0 * a('AU9')])
-        peak = np.array([ex[s] + s * 0.25 * ew,
-                         40.5 + dy - 2.0 * a('AU1') - 3.0 * a('AU2') + 2.5 * a('AU4') + 1.0 * a('AU9') + 0.5 * a('AU6')])
+        peak = np.array([ex[s] + s * 0.25 * ew, 40.5 + dy - 2.0 * a('AU1') - 3.0 * a('AU2') + 2.5 * a('AU4')
+                         + 1.0 * a('AU9') + 0.5 * a('AU6')])
         outer = np.array([ex[s] + s * 1.35 * ew, 42.5 + dy - 5.0 * a('AU2') + 1.5 * a('AU4') + 0.8 * a('AU6')])
         mid = _quad(inner, peak, outer, 9)
         th = idt.brow_thickness * _lin(1.1, 0.45, 9)
@@ -698,7 +697,7 @@ def render(
     else:
         image = Image.new('RGB', (canvas_size, canvas_size), identity.background)
     canvas = _Canvas(unit)
-    geometry = _draw_face(canvas, a, identity, style)
+    geometry = _draw_face(canvas, a, identity)
     canvas.render(image, matrix)
     image = image.reduce(_SUPERSAMPLE)
     if style == 'real':
