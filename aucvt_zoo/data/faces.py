@@ -44,8 +44,8 @@ LANDMARK_TEMPLATE = np.array([[38.0, 52.0], [74.0, 52.0], [56.0, 72.0], [41.0, 9
 # Every AU of rafau21 (a superset of openface16) changes the drawing; see docs/faces.md for what each one moves.
 RENDERED_AUS: Tuple[str, ...] = AU_SETS['rafau21']
 
-# Expression -> AU prototype, after EMFACS (Friesen & Ekman 1983) as commonly tabulated, e.g. in the FACS
-# literature summaries of Matsumoto & Ekman and the "Facial Action Coding System" tables derived from them.
+# Expression -> AU prototype, after EMFACS (Friesen & Ekman 1983) as commonly tabulated (e.g. the emotion table of
+# the Wikipedia article "Facial Action Coding System"; intensity letters and the contempt row left out).
 PROTOTYPE_SOURCE = 'EMFACS (Friesen & Ekman, 1983), as commonly tabulated'
 PROTOTYPES: Dict[str, Tuple[str, ...]] = {
     'anger': ('AU4', 'AU5', 'AU7', 'AU23'),
