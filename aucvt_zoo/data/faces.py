@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, JpegImagePlugin
 
 import torch
 from torch.utils.data import Dataset
@@ -652,7 +652,7 @@ def _photograph(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     buffer = io.BytesIO()
     Image.fromarray(pixels.astype(np.uint8)).save(buffer, format='JPEG', quality=int(rng.integers(25, 80)))
     buffer.seek(0)
-    image = Image.open(buffer, formats=('JPEG',))
+    image = JpegImagePlugin.JpegImageFile(buffer)  # the plugin directly: no format sniffing per image
     image.load()
     return image
 
@@ -784,18 +784,20 @@ class FacsFaces(Dataset):
 
     def render(self, index: int, return_geometry: bool = False):
         """The PIL image and landmarks (and key points) of sample `index`; see `render`."""
-        index = self._index(index)
+        return self._render(self._index(index), self.labels(index), return_geometry)
+
+    def _render(self, index: int, labels: FaceLabels, return_geometry: bool = False):
         camera_seed = int(_rng(self.seed, self.style, index, _STREAM_STYLE).integers(2 ** 63))
-        return render(self.labels(index).intensities, self.identity(index), self.style, self.size, camera_seed,
-                      return_geometry)
+        return render(labels.intensities, self.identity(index), self.style, self.size, camera_seed, return_geometry)
 
     def targets(self) -> np.ndarray:
         """Expression labels of all samples (int64), without rendering: for samplers and class weights."""
         return np.array([self.labels(i).label for i in range(self.length)], np.int64)
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int, torch.Tensor]:
+        index = self._index(index)
         labels = self.labels(index)
-        image, _ = self.render(index)
+        image, _ = self._render(index, labels)
         image = self.transform(image) if self.transform is not None else _to_tensor(image)
         return image, labels.label, torch.from_numpy(labels.targets(self.au_names))
 
