@@ -644,7 +644,7 @@ def _photograph(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     contrast, brightness = rng.uniform(0.8, 1.1), rng.uniform(-20.0, 20.0)
     sigma = rng.uniform(2.0, 9.0)
     oy, ox = rng.integers(size, size=2)
-    # (p * gain * cast - 128) * contrast + 128 + brightness + noise, in place
+    # (p * gain * cast - 128) * contrast + 128 + brightness + noise
     pixels = np.asarray(image, np.float32) * (gain[..., None] * (cast * contrast))
     pixels += 128.0 * (1.0 - contrast) + brightness
     pixels += sigma * _noise_bank(size)[oy:oy + size, ox:ox + size]
@@ -691,17 +691,16 @@ def render(
     canvas_size = size * _SUPERSAMPLE
     unit = canvas_size / 112.0
     matrix = _pose_matrix(identity, unit)
+    image = Image.new('RGB', (canvas_size, canvas_size), identity.background)
     if style == 'real':  # a two-tone background: a wall and its shadow
-        image = Image.new('RGB', (canvas_size, canvas_size), identity.background)
         ImageDraw.Draw(image).rectangle((0, int(canvas_size * 0.55), canvas_size, canvas_size), identity.background2)
-    else:
-        image = Image.new('RGB', (canvas_size, canvas_size), identity.background)
     canvas = _Canvas(unit)
     geometry = _draw_face(canvas, a, identity)
     canvas.render(image, matrix)
     image = image.reduce(_SUPERSAMPLE)
     if style == 'real':
         image = _photograph(image, np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1 << 21,))))
+    # the drawing transform, undone from canvas to output pixel centres (see _pose_matrix)
     to_pixels = _pose_matrix(identity, size / 112.0 * _SUPERSAMPLE)
     to_pixels[:, 2] -= (_SUPERSAMPLE - 1) / 2.0
     to_pixels /= _SUPERSAMPLE
