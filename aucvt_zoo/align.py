@@ -250,7 +250,7 @@ def alignment_score(crops: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-8)
 
 
-def looks_aligned(crops: torch.Tensor, threshold: float = 0.3) -> bool:
+def looks_aligned(crops: torch.Tensor, threshold: float = 0.35) -> bool:
     """True when the median `alignment_score` of a batch of crops reaches `threshold`."""
     if crops.shape[0] == 0:
         return True
