@@ -259,6 +259,12 @@ def _lookup_landmarks(table, source: str, frame: Optional[int]) -> Optional[List
     return None
 
 
+def _stack_landmarks(given: List[np.ndarray]) -> np.ndarray:
+    """(N, K, 2) from a list of per-face (K, 2) or per-image (n, K, 2) landmark arrays."""
+    arrays = [np.asarray(g, dtype=np.float64) for g in given]
+    return np.concatenate([a.reshape(-1, a.shape[-2], 2) for a in arrays])
+
+
 class _Progress:
     """Faces/s on stderr: one rewritten line on a terminal, a plain line every `interval` s otherwise."""
 
@@ -464,7 +470,7 @@ class Predictor:
                 self.timings['decode'] += time.perf_counter() - start
             count += 1
             given = _lookup_landmarks(table, path, i)
-            yield _Frame(path, i, image=image, faces=None if given is None else faces_from_landmarks(np.stack(given)))
+            yield _Frame(path, i, image=image, faces=None if given is None else faces_from_landmarks(_stack_landmarks(given)))
         if count == 0:
             yield _Frame(path, None, error='the video has no decodable frames')
 
@@ -478,7 +484,7 @@ class Predictor:
                 frame = self._decode_path(path)
                 given = _lookup_landmarks(table, path, None)
                 if given is not None and not frame.error:
-                    frame.faces = faces_from_landmarks(np.stack(given))
+                    frame.faces = faces_from_landmarks(_stack_landmarks(given))
                 yield frame
 
     # ------------------------------------------------------------------------------------------------ pipeline
