@@ -5,7 +5,7 @@
 
 Pipeline: decode (Pillow; PyAV or OpenCV for video, streamed frame by frame) -> detect faces and their 5 landmarks
 (`aucvt_zoo.detect`, optional: `--aligned` skips it, `--landmarks` supplies points) -> warp each face onto the
-model's template (`aucvt_zoo.align`) -> the model in batches of `--batch-size` faces under `torch.inference_mode`
+model's template (`aucvt_zoo.align`: Pillow on CPU, torch `grid_sample` on an accelerator) -> the model in batches of `--batch-size` faces under `torch.inference_mode`
 -> one output row per face: source, frame, face index, box, detection score, the top expression, the probability
 of each expression (columns named as `aucvt_zoo.labels.EXPRESSIONS`) and of each AU (columns `AU1`, `AU12`, ...),
 and an `error` column that says why a source gave no face (unreadable file, no face found). The run never stops on
@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw, ImageOps
 
-from .align import align_faces, alignment_score, template_from_cfg
+from .align import align_face, align_faces, alignment_score, template_from_cfg
 from .detect import Face, FaceDetector, create_detector, faces_from_landmarks
 from .labels import EXPRESSIONS
 
@@ -534,14 +534,23 @@ class Predictor:
                     f.error = 'no face detected'
                     pending.append((f, [], None))
                     continue
-                image = torch.from_numpy(np.ascontiguousarray(f.image)).to(self.device).permute(2, 0, 1)[None]
-                crops = align_faces(image, np.stack([face.landmarks for face in faces]), cfg=self.cfg)
+                crops = self._align(f.image, np.stack([face.landmarks for face in faces]))
             if not self.annotate:
                 f.image = None  # only the crops are needed from here on
             pending.append((f, faces, crops))
             n += len(faces)
         self.timings['align'] += time.perf_counter() - start
         return n
+
+    def _align(self, image: np.ndarray, landmarks: np.ndarray) -> torch.Tensor:
+        """(N, 3, h, w) crops in [0, 1] on the model's device."""
+        if self.device.type == 'cpu':
+            # Pillow's single-threaded warp: torch's intra-op threads cost more than they save on one small crop
+            pil = Image.fromarray(image)
+            crops = np.stack([np.asarray(align_face(pil, lm, self.cfg)) for lm in landmarks])
+            return torch.from_numpy(crops).permute(0, 3, 1, 2).float().div_(255.)
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1)[None]
+        return align_faces(tensor, landmarks, cfg=self.cfg)
 
     @torch.inference_mode()
     def _forward(self, crops: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
