@@ -31,6 +31,7 @@ import numpy as np
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
 
 from .align import align_face, align_faces, alignment_score, template_from_cfg
@@ -97,6 +98,8 @@ class _Frame:
     image: Optional[np.ndarray] = None
     error: str = ''
     faces: Optional[List[Face]] = None
+    crop: Optional[torch.Tensor] = None  # an aligned float (3, H, W) input in [0, 1], kept unquantised
+    fps: Optional[float] = None  # frames per second of the frames taken from a video (after --every)
 
 
 def load_model(
@@ -155,8 +158,8 @@ def _read_image(path: str) -> np.ndarray:
         return _to_rgb_array(image)
 
 
-def _iter_video(path: str, every: int = 1) -> Iterator[Tuple[int, np.ndarray]]:
-    """(frame index, RGB uint8 frame) for every `every`-th frame, decoded one at a time (PyAV, else OpenCV)."""
+def _iter_video(path: str, every: int = 1) -> Iterator[Tuple[int, np.ndarray, Optional[float]]]:
+    """(frame index, RGB uint8 frame, fps) for every `every`-th frame, decoded one at a time (PyAV, else OpenCV)."""
     try:
         import av
     except ImportError:
@@ -167,9 +170,10 @@ def _iter_video(path: str, every: int = 1) -> Iterator[Tuple[int, np.ndarray]]:
                 raise ValueError('the file has no video stream')
             stream = container.streams.video[0]
             stream.thread_type = 'AUTO'
+            fps = float(stream.average_rate) if stream.average_rate else None
             for i, frame in enumerate(container.decode(stream)):
                 if i % every == 0:
-                    yield i, frame.to_ndarray(format='rgb24')
+                    yield i, frame.to_ndarray(format='rgb24'), fps
         return
     try:
         import cv2
@@ -180,6 +184,7 @@ def _iter_video(path: str, every: int = 1) -> Iterator[Tuple[int, np.ndarray]]:
     cap = cv2.VideoCapture(path)
     if not cap.isOpened():
         raise ValueError('OpenCV cannot open it as a video')
+    fps = cap.get(cv2.CAP_PROP_FPS) or None
     try:
         i = 0
         while True:
@@ -187,7 +192,7 @@ def _iter_video(path: str, every: int = 1) -> Iterator[Tuple[int, np.ndarray]]:
             if not ok:
                 break
             if i % every == 0:
-                yield i, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+                yield i, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), fps
             i += 1
     finally:
         cap.release()
@@ -341,6 +346,7 @@ class Predictor:
         self._detector_kwargs = dict(detector_kwargs or {})
         self._detector: Optional[FaceDetector] = detector if isinstance(detector, FaceDetector) else None
         self._alignment_checked = False
+        self._video_out: Optional[_VideoWriter] = None
         self.save_crops: Optional[Path] = None
         self.annotate: Optional[Path] = None
         # seconds spent per stage, for benchmarks (on CUDA the model time includes waiting for the device)
@@ -390,7 +396,8 @@ class Predictor:
             inputs = [inputs]
         if landmarks is not None and len(landmarks) != len(inputs):
             raise ValueError(f'landmarks has {len(landmarks)} entries for {len(inputs)} inputs; give one per input.')
-        frames = (self._frame_from_input(i, x, None if landmarks is None else landmarks[i]) for i, x in enumerate(inputs))
+        frames = (self._frame_from_input(i, x, None if landmarks is None else landmarks[i], aligned)
+                  for i, x in enumerate(inputs))
         return list(self._run(frames, aligned))
 
     def predict_video(
@@ -422,7 +429,7 @@ class Predictor:
         return self._run(self._path_frames(paths, every, landmarks or {}), aligned)
 
     # ------------------------------------------------------------------------------------------------ decoding
-    def _frame_from_input(self, i: int, x, landmarks) -> _Frame:
+    def _frame_from_input(self, i: int, x, landmarks, aligned: bool) -> _Frame:
         if isinstance(x, (str, os.PathLike)):
             frame = self._decode_path(str(x))
         elif isinstance(x, Image.Image):
@@ -432,6 +439,8 @@ class Predictor:
             t = t.float() / 255. if t.dtype == torch.uint8 else t.float()
             if t.ndim != 3 or t.shape[0] != 3:
                 return _Frame(f'<input {i}>', None, error=f'tensor inputs must be (3, H, W), got {tuple(t.shape)}')
+            if aligned and landmarks is None:
+                return _Frame(f'<input {i}>', None, crop=t.clamp(0, 1))
             frame = _Frame(f'<input {i}>', None, image=(t.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
         else:
             arr = np.asarray(x)
@@ -460,7 +469,7 @@ class Predictor:
         while True:
             start = time.perf_counter()
             try:
-                i, image = next(frames)
+                i, image, fps = next(frames)
             except StopIteration:
                 break
             except Exception as err:
@@ -470,7 +479,8 @@ class Predictor:
                 self.timings['decode'] += time.perf_counter() - start
             count += 1
             given = _lookup_landmarks(table, path, i)
-            yield _Frame(path, i, image=image, faces=None if given is None else faces_from_landmarks(_stack_landmarks(given)))
+            faces = None if given is None else faces_from_landmarks(_stack_landmarks(given))
+            yield _Frame(path, i, image=image, faces=faces, fps=fps / every if fps else None)
         if count == 0:
             yield _Frame(path, None, error='the video has no decodable frames')
 
@@ -493,19 +503,25 @@ class Predictor:
         pending: List[Tuple[_Frame, List[Face], Optional[torch.Tensor]]] = []
         n_faces = 0
         chunk: List[_Frame] = []
-        for frame in frames:
-            chunk.append(frame)
-            if len(chunk) < self.detect_batch:
-                continue
-            n_faces += self._prepare(chunk, aligned, pending)
-            chunk = []
-            if n_faces >= self.batch_size:
+        try:
+            for frame in frames:
+                chunk.append(frame)
+                if len(chunk) < self.detect_batch:
+                    continue
+                n_faces += self._prepare(chunk, aligned, pending)
+                chunk = []
+                # faceless frames hold no image (unless annotating), so a long faceless stretch costs only rows
+                if n_faces >= self.batch_size or len(pending) >= (self.batch_size if self.annotate else 1024):
+                    yield from self._flush(pending, aligned)
+                    pending, n_faces = [], 0
+            if chunk:
+                self._prepare(chunk, aligned, pending)
+            if pending:
                 yield from self._flush(pending, aligned)
-                pending, n_faces = [], 0
-        if chunk:
-            self._prepare(chunk, aligned, pending)
-        if pending:
-            yield from self._flush(pending, aligned)
+        finally:
+            if self._video_out is not None:
+                self._video_out.close()
+                self._video_out = None
 
     def _prepare(self, chunk: List[_Frame], aligned: bool, pending: list) -> int:
         """Detect (where needed) and align the faces of a chunk of frames; append to `pending`."""
@@ -522,16 +538,22 @@ class Predictor:
                 pending.append((f, [], None))
                 continue
             if aligned and f.faces is None:
-                h, w = f.image.shape[:2]
-                crop = f.image
+                if f.crop is not None:
+                    crops = f.crop[None].to(self.device)
+                else:
+                    crops = torch.from_numpy(np.ascontiguousarray(f.image)).to(self.device).permute(2, 0, 1)[None]
+                    crops = crops.float() / 255.
+                h, w = crops.shape[-2:]
                 if (h, w) != tuple(self.crop_size):
-                    crop = np.asarray(Image.fromarray(f.image).resize(self.crop_size[::-1], Image.Resampling.BICUBIC))
+                    crops = F.interpolate(crops, size=self.crop_size, mode='bicubic', antialias=True,
+                                          align_corners=False).clamp_(0, 1)
                 faces = [Face(np.array([0., 0., w - 1., h - 1.]), float('nan'), np.full((5, 2), np.nan))]
-                crops = torch.from_numpy(np.ascontiguousarray(crop)).to(self.device).permute(2, 0, 1)[None].float() / 255.
             else:
                 faces = f.faces or []
                 if not faces:
                     f.error = 'no face detected'
+                    if not self.annotate:
+                        f.image = None
                     pending.append((f, [], None))
                     continue
                 crops = self._align(f.image, np.stack([face.landmarks for face in faces]))
@@ -578,6 +600,7 @@ class Predictor:
         k = 0
         for f, faces, c in pending:
             if c is None:
+                self._save_extras(f, None, [])
                 yield FaceResult(f.source, f.frame, -1, error=f.error)
                 continue
             results = []
@@ -601,16 +624,17 @@ class Predictor:
                 f'faces warped onto the 5-point template (docs/predict.md); predictions on unaligned crops can be '
                 f'much worse. Drop --aligned to detect and align the faces.', stacklevel=3)
 
-    def _save_extras(self, f: _Frame, crops: torch.Tensor, results: List[FaceResult]) -> None:
+    def _save_extras(self, f: _Frame, crops: Optional[torch.Tensor], results: List[FaceResult]) -> None:
         if not (self.save_crops or self.annotate):
             return
         stem = _output_stem(f.source, f.frame)
-        if self.save_crops:
+        if self.save_crops and crops is not None:
             self.save_crops.mkdir(parents=True, exist_ok=True)
             arr = (crops.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
             for r, a in zip(results, arr):
                 Image.fromarray(a).save(self.save_crops / f'{stem}_face{r.face}.png')
-        if self.annotate and f.image is not None:
+        # faceless frames still go into an annotated video (it keeps its timing); faceless still images do not
+        if self.annotate and f.image is not None and (results or f.frame is not None):
             self.annotate.mkdir(parents=True, exist_ok=True)
             image = Image.fromarray(f.image)
             draw = ImageDraw.Draw(image)
@@ -625,8 +649,54 @@ class Predictor:
                 label = f'{r.face}: {r.expression} {r.expressions[r.expression]:.2f}' + (
                     ' ' + ' '.join(top_aus) if top_aus else '')
                 draw.text((x1, max(0, y1 - 12)), label, fill=(255, 255, 0))
-            image.save(self.annotate / f'{stem}.jpg', quality=92)
+            self._save_annotated(f, image, stem)
             f.image = None
+
+    def _save_annotated(self, f: _Frame, image: Image.Image, stem: str) -> None:
+        """Still images as JPEG; video frames into one annotated video per source (PyAV), else JPEGs per frame."""
+        if f.frame is None or not _VideoWriter.available():
+            image.save(self.annotate / f'{stem}.jpg', quality=92)
+            return
+        if self._video_out is None or self._video_out.source != f.source:
+            if self._video_out is not None:
+                self._video_out.close()
+            self._video_out = _VideoWriter(
+                f.source, self.annotate / f'{_output_stem(f.source, None)}.mp4', image.size, f.fps or 25.)
+        self._video_out.write(image)
+
+
+class _VideoWriter:
+    """An annotated video, frame by frame (H.264 when PyAV's FFmpeg has it, else MPEG-4 part 2)."""
+
+    def __init__(self, source: str, path: Path, size: Tuple[int, int], fps: float):
+        import av
+        from fractions import Fraction
+        self.source = source
+        self.container = av.open(str(path), 'w')
+        codec = 'libx264' if 'libx264' in av.codecs_available else 'mpeg4'
+        self.stream = self.container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        # yuv420p needs even sizes: the last odd row/column is dropped
+        self.size = (size[0] - size[0] % 2, size[1] - size[1] % 2)
+        self.stream.width, self.stream.height = self.size
+        self.stream.pix_fmt = 'yuv420p'
+
+    @staticmethod
+    def available() -> bool:
+        try:
+            import av  # noqa: F401
+            return True
+        except ImportError:
+            return False
+
+    def write(self, image: Image.Image) -> None:
+        import av
+        if image.size != self.size:
+            image = image.crop((0, 0) + self.size)
+        self.container.mux(self.stream.encode(av.VideoFrame.from_image(image)))
+
+    def close(self) -> None:
+        self.container.mux(self.stream.encode())
+        self.container.close()
 
 
 def _output_stem(source: str, frame: Optional[int]) -> str:
