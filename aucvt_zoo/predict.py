@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
 
 from .align import align_face, align_faces, alignment_score, template_from_cfg
-from .detect import Face, FaceDetector, create_detector, faces_from_landmarks
+from .detect import DetectorUnavailableError, Face, FaceDetector, create_detector, faces_from_landmarks
 from .labels import EXPRESSIONS
 
 __all__ = ['Predictor', 'FaceResult', 'load_model', 'iter_sources', 'read_landmarks_csv', 'main']
@@ -235,7 +235,7 @@ def read_landmarks_csv(path: Union[str, os.PathLike]) -> Dict[Tuple[str, Optiona
 
     K is 5 (eye left, eye right, nose, mouth left, mouth right, in image terms) or 68 (iBUG, as OpenFace writes
     them: its ' x_0' headers with leading spaces are accepted). One row per face; sources match by path as written
-    or by file name.
+    or by file name. `frame` is the 0-based frame index (OpenFace counts from 1: subtract 1).
     """
     out: Dict[Tuple[str, Optional[int]], List[np.ndarray]] = {}
     with open(path, newline='') as f:
@@ -794,7 +794,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry point. Returns 0 once every source is processed; bad sources are rows, not failures."""
+    """Command-line entry point. Returns 0 once every source is processed (bad sources are rows, not failures), 2 when
+    detection is needed but its extra is not installed."""
     args = _parser().parse_args(argv)
     if args.every < 1 or args.batch_size < 1:
         raise SystemExit('--every and --batch-size must be >= 1.')
@@ -802,6 +803,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     predictor = Predictor(
         args.model, args.checkpoint, device=args.device, batch_size=args.batch_size, detector=args.detector,
         detector_kwargs=dict(min_face_size=args.min_face_size))
+    if not args.aligned and not args.landmarks:
+        try:  # fail before the first file, not in the middle of a run
+            predictor.detector
+        except DetectorUnavailableError as err:
+            print(f'error: {err}', file=sys.stderr)
+            return 2
     predictor.save_crops = Path(args.save_crops) if args.save_crops else None
     predictor.annotate = Path(args.annotate) if args.annotate else None
     table = read_landmarks_csv(args.landmarks) if args.landmarks else None

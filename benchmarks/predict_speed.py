@@ -79,11 +79,11 @@ def main():
             print('video memory: skipped (PyAV not installed)')
             return
         for n in args.video_frames:
-            path = os.path.join(tmp, f'clip{n}.mp4')
-            with av.open(path, 'w') as container:
-                stream = container.add_stream('mpeg4', rate=25)
+            path = os.path.join(tmp, f'clip{n}.mkv')
+            with av.open(path, 'w') as container:  # lossless, so every drawn face survives encoding
+                stream = container.add_stream('ffv1', rate=25)
                 stream.width = stream.height = 256
-                stream.pix_fmt = 'yuv420p'
+                stream.pix_fmt = 'bgr0'
                 for face in _faces(n):
                     container.mux(stream.encode(av.VideoFrame.from_ndarray(face, format='rgb24')))
                 container.mux(stream.encode())

@@ -254,3 +254,12 @@ def test_unreadable_video_is_a_row(model, tmp_path):
     bad.write_bytes(b'\x00\x00\x00\x18ftypmp42 not really a video')
     (row,) = Predictor(model, device='cpu', detector=None).predict_video(bad)
     assert row.face == -1 and row.error.startswith('cannot read video')
+
+
+def test_cli_without_detector_extra_fails_before_the_first_file(checkpoint, folder, monkeypatch, capsys):
+    from aucvt_zoo import detect
+    monkeypatch.setattr(detect.importlib.util, 'find_spec', lambda name: None)
+    rc = main([str(folder), '--model', MODEL, '--checkpoint', str(checkpoint), '--device', 'cpu', '--quiet'])
+    assert rc == 2
+    captured = capsys.readouterr()
+    assert 'aucvt_zoo[detect]' in captured.err and captured.out == ''
