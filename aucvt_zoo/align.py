@@ -16,7 +16,6 @@ Two warps share one transform: `align_face` (Pillow, one face, a PIL image out) 
 `grid_sample`, many faces from a batch of images, on any device). Both use bicubic interpolation and average the
 image down first when a face is more than twice the crop's size, so large faces are not aliased.
 """
-import math
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np

@@ -5,7 +5,8 @@
 
 Pipeline: decode (Pillow; PyAV or OpenCV for video, streamed frame by frame) -> detect faces and their 5 landmarks
 (`aucvt_zoo.detect`, optional: `--aligned` skips it, `--landmarks` supplies points) -> warp each face onto the
-model's template (`aucvt_zoo.align`: Pillow on CPU, torch `grid_sample` on an accelerator) -> the model in batches of `--batch-size` faces under `torch.inference_mode`
+model's template (`aucvt_zoo.align`: Pillow on CPU, torch `grid_sample` on an accelerator) -> the model in
+batches of `--batch-size` faces under `torch.inference_mode`
 -> one output row per face: source, frame, face index, box, detection score, the top expression, the probability
 of each expression (columns named as `aucvt_zoo.labels.EXPRESSIONS`) and of each AU (columns `AU1`, `AU12`, ...),
 and an `error` column that says why a source gave no face (unreadable file, no face found). The run never stops on
@@ -17,6 +18,7 @@ Python: `Predictor('aucvt_openface').predict(['a.jpg', pil_image, aligned_tensor
 import argparse
 import csv
 import glob as globlib
+import importlib.util
 import json
 import math
 import os
@@ -336,6 +338,10 @@ class Predictor:
         self.mean = torch.tensor(cfg.get('mean', (0.5, 0.5, 0.5)), device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(cfg.get('std', (0.5, 0.5, 0.5)), device=self.device).view(1, -1, 1, 1)
         n = getattr(self.model, 'num_classes', len(EXPRESSIONS))
+        if n < 1:
+            raise ValueError(
+                'The model has no classifier (num_classes=0, e.g. a features-only backbone); give a model with an '
+                'expression head, e.g. --model aucvt_openface.')
         names = tuple(cfg.get('label_names') or ())
         self.expression_names = names if len(names) == n else EXPRESSIONS if n == len(EXPRESSIONS) else tuple(
             f'class_{i}' for i in range(n))
@@ -619,10 +625,11 @@ class Predictor:
         if float(scores.median()) < ALIGNMENT_THRESHOLD:
             worst = sources[int(scores.argmin())] if len(sources) == crops.shape[0] else sources[0]
             warnings.warn(
-                f'The --aligned inputs do not look like template-aligned faces (median left-right symmetry '
-                f'{float(scores.median()):.2f} < {ALIGNMENT_THRESHOLD}; least aligned: {worst}). The models expect '
+                f'The aligned inputs (--aligned, aligned=True or crop tensors) do not look like template-aligned '
+                f'faces (median left-right symmetry {float(scores.median()):.2f} < {ALIGNMENT_THRESHOLD}; least '
+                f'aligned: {worst}). The models expect '
                 f'faces warped onto the 5-point template (docs/predict.md); predictions on unaligned crops can be '
-                f'much worse. Drop --aligned to detect and align the faces.', stacklevel=3)
+                f'much worse. Drop --aligned (aligned=False) to detect and align the faces.', stacklevel=3)
 
     def _save_extras(self, f: _Frame, crops: Optional[torch.Tensor], results: List[FaceResult]) -> None:
         if not (self.save_crops or self.annotate):
@@ -682,11 +689,7 @@ class _VideoWriter:
 
     @staticmethod
     def available() -> bool:
-        try:
-            import av  # noqa: F401
-            return True
-        except ImportError:
-            return False
+        return importlib.util.find_spec('av') is not None
 
     def write(self, image: Image.Image) -> None:
         import av
@@ -718,7 +721,8 @@ class _Writer:
                 import pyarrow as pa
                 import pyarrow.parquet as pq
             except ImportError:
-                raise ImportError('--format parquet needs pyarrow: pip install pyarrow (or write CSV / JSONL).') from None
+                raise ImportError(
+                    '--format parquet needs pyarrow: pip install pyarrow (or write CSV / JSONL).') from None
             if path == '-':
                 raise ValueError('Parquet cannot go to stdout; give --output FILE.parquet.')
             types = {'source': pa.string(), 'frame': pa.int64(), 'face': pa.int64(), 'expression': pa.string(),

@@ -4,7 +4,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 from aucvt_zoo import detect as detect_mod
 from aucvt_zoo.align import ARCFACE_TEMPLATE

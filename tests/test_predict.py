@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-import aucvt_zoo  # noqa: F401  (registers the models)
 from aucvt_zoo.align import ARCFACE_TEMPLATE, align_face
 from aucvt_zoo.labels import AU_SETS, EXPRESSIONS
 from aucvt_zoo.predict import Predictor, load_model, main, read_landmarks_csv
@@ -263,3 +262,13 @@ def test_cli_without_detector_extra_fails_before_the_first_file(checkpoint, fold
     assert rc == 2
     captured = capsys.readouterr()
     assert 'aucvt_zoo[detect]' in captured.err and captured.out == ''
+
+
+def test_model_without_au_head_has_no_au_columns():
+    p = Predictor(timm.create_model('ir50_tiny'), device='cpu', detector=None)
+    assert p.columns[-8:] == ['expression'] + list(EXPRESSIONS) + ['error']
+    with pytest.warns(UserWarning, match='do not look like'):  # noise is not a face
+        (r,) = p.predict(torch.rand(1, 3, 112, 112))
+    assert r.aus == {} and sum(r.expressions.values()) == pytest.approx(1, abs=1e-5)
+    with pytest.raises(ValueError, match='no classifier'):
+        Predictor(timm.create_model('ir50_tiny', num_classes=0), device='cpu')
