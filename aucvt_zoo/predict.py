@@ -383,11 +383,12 @@ class Predictor:
             landmarks: Optional[Sequence[Optional[np.ndarray]]] = None,
             aligned: bool = False,
     ) -> List[FaceResult]:
-        """Predictions for images (paths, PIL images, RGB uint8 arrays) or aligned crops.
+        """Predictions for images (paths, PIL images, RGB uint8 arrays), folders, videos or aligned crops.
 
         Args:
             inputs: one input or a list. A float tensor (B, 3, H, W) in [0, 1] (or uint8) is a batch of aligned
-                crops; image files, PIL images and arrays are detected and aligned unless `aligned`.
+                crops; image files, PIL images and arrays are detected and aligned unless `aligned`. Folders and
+                glob patterns expand as on the command line; videos give every frame (`predict_video` streams).
             landmarks: per input, the faces' landmarks ((N, 5, 2) or (N, 68, 2)) to align with instead of
                 detecting; None entries are detected.
             aligned: the images are already aligned crops (resized to the model's input size if needed).
@@ -402,9 +403,16 @@ class Predictor:
             inputs = [inputs]
         if landmarks is not None and len(landmarks) != len(inputs):
             raise ValueError(f'landmarks has {len(landmarks)} entries for {len(inputs)} inputs; give one per input.')
-        frames = (self._frame_from_input(i, x, None if landmarks is None else landmarks[i], aligned)
-                  for i, x in enumerate(inputs))
-        return list(self._run(frames, aligned))
+
+        def frames():
+            for i, x in enumerate(inputs):
+                given = None if landmarks is None else landmarks[i]
+                if isinstance(x, (str, os.PathLike)) and given is None and (
+                        os.path.isdir(x) or _is_video(str(x)) or globlib.has_magic(str(x))):
+                    yield from self._path_frames(iter_sources([str(x)]), 1, {})
+                else:
+                    yield self._frame_from_input(i, x, given, aligned)
+        return list(self._run(frames(), aligned))
 
     def predict_video(
             self,

@@ -140,6 +140,11 @@ def test_aligned_inputs_need_no_detector_and_batching_does_not_change_results(mo
             assert a.aus[k] == pytest.approx(b.aus[k], abs=1e-5)
     with pytest.raises(ValueError, match='no face detector'):
         Predictor(model, device='cpu', detector=None).predict(inputs[:1])
+    # a folder expands recursively, as on the command line
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        rows = Predictor(model, device='cpu', detector=None).predict(str(folder), aligned=True)
+    assert len(rows) == 8 and sum(r.error.startswith('cannot read image') for r in rows) == 2
 
 
 def test_alignment_self_check_warns_once_for_unaligned_crops(model):
