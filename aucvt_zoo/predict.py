@@ -623,7 +623,7 @@ class Predictor:
                     f.source, f.frame, j, tuple(float(v) for v in face.box), face.score,
                     dict(zip(self.expression_names, (float(p) for p in expr[k]))),
                     dict(zip(self.au_names, (float(p) for p in aus[k]))) if aus is not None else {},
-                    None if aligned else face.landmarks))
+                    None if np.isnan(face.landmarks).all() else face.landmarks))
                 k += 1
             self._save_extras(f, c, results)
             yield from results
@@ -635,9 +635,9 @@ class Predictor:
             warnings.warn(
                 f'The aligned inputs (--aligned, aligned=True or crop tensors) do not look like template-aligned '
                 f'faces (median left-right symmetry {float(scores.median()):.2f} < {ALIGNMENT_THRESHOLD}; least '
-                f'aligned: {worst}). The models expect '
-                f'faces warped onto the 5-point template (docs/predict.md); predictions on unaligned crops can be '
-                f'much worse. Drop --aligned (aligned=False) to detect and align the faces.', stacklevel=3)
+                f'aligned: {worst}). The models expect faces warped onto the 5-point template (docs/predict.md); '
+                f'predictions on unaligned crops can be much worse. Drop --aligned (aligned=False) to detect and '
+                f'align the faces.', stacklevel=3)
 
     def _save_extras(self, f: _Frame, crops: Optional[torch.Tensor], results: List[FaceResult]) -> None:
         if not (self.save_crops or self.annotate):
