@@ -38,6 +38,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from .align import align_face, align_faces, alignment_score, template_from_cfg
 from .detect import DetectorUnavailableError, Face, FaceDetector, create_detector, faces_from_landmarks
+from .hub import PretrainedWeightsError
 from .labels import EXPRESSIONS
 
 __all__ = ['Predictor', 'FaceResult', 'load_model', 'iter_sources', 'read_landmarks_csv', 'main']
@@ -807,14 +808,19 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point. Returns 0 once every source is processed (bad sources are rows, not failures), 2 when
-    detection is needed but its extra is not installed."""
+    the model cannot be built or detection is needed but its extra is not installed."""
     args = _parser().parse_args(argv)
     if args.every < 1 or args.batch_size < 1:
         raise SystemExit('--every and --batch-size must be >= 1.')
     fmt = _format_for(args.output, args.format)
-    predictor = Predictor(
-        args.model, args.checkpoint, device=args.device, batch_size=args.batch_size, detector=args.detector,
-        detector_kwargs=dict(min_face_size=args.min_face_size))
+    try:
+        predictor = Predictor(
+            args.model, args.checkpoint, device=args.device, batch_size=args.batch_size, detector=args.detector,
+            detector_kwargs=dict(min_face_size=args.min_face_size))
+    except (PretrainedWeightsError, FileNotFoundError, ValueError, RuntimeError) as err:
+        # a model that cannot be built is the user's to fix: the message says how, a traceback adds nothing
+        print(f'error: {err}\n(local weights: --checkpoint FOLDER_OR_FILE; see docs/predict.md)', file=sys.stderr)
+        return 2
     if not args.aligned and not args.landmarks:
         try:  # fail before the first file, not in the middle of a run
             predictor.detector

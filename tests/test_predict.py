@@ -277,3 +277,10 @@ def test_model_without_au_head_has_no_au_columns():
     assert r.aus == {} and sum(r.expressions.values()) == pytest.approx(1, abs=1e-5)
     with pytest.raises(ValueError, match='no classifier'):
         Predictor(timm.create_model('ir50_tiny', num_classes=0), device='cpu')
+
+
+def test_cli_reports_an_unusable_model_without_traceback(tmp_path, capsys):
+    rc = main([str(tmp_path), '--model', MODEL, '--checkpoint', str(tmp_path / 'missing.safetensors'), '--quiet'])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert 'missing.safetensors does not exist' in err and 'Traceback' not in err
