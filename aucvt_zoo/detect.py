@@ -169,9 +169,9 @@ def _mtcnn_weights_dir() -> str:
 
 def _load_keras_weights(net: nn.Module, arrays: List[np.ndarray], name: str) -> None:
     """Copy the `mtcnn` package's Keras weight list (layer order, HWIO kernels) into `net`, checking every shape."""
-    params = [p for p in net.parameters()]
-    # registration order of our modules matches the Keras layer order except for ONet's heads (box, landmarks,
-    # cls) and RNet's (box, cls), which are defined in that order too; so the lists pair up one to one
+    # the nets register their parameters in the Keras layer order (heads too: box, [landmarks,] class), so the
+    # two lists pair up one to one
+    params = list(net.parameters())
     if len(params) != len(arrays):
         raise ValueError(f'MTCNN {name}: {len(arrays)} weight arrays in the file, the network has {len(params)}.')
     for p, a in zip(params, arrays):
