@@ -49,7 +49,7 @@ from .metrics import au_metrics, expression_metrics
 
 __all__ = [
     'PRESETS', 'DATA_SOURCES', 'DEFAULT_DATA', 'register_data', 'open_dataset', 'build_parser', 'parse_args',
-    'create_model', 'train_transform', 'eval_transform', 'evaluate', 'save_hub_checkpoint', 'main',
+    'create_model', 'data_config', 'train_transform', 'eval_transform', 'evaluate', 'save_hub_checkpoint', 'main',
 ]
 
 # The recipe of the paper's section 4.2; the augmentation strengths and the auxiliary batch are our choice
@@ -61,8 +61,9 @@ RECIPE: Dict[str, Any] = dict(
 
 # Table 1's rows: the model and its initialisation. 'hub' = the MS-Celeb-1M IR-50 release (`ir50`, pretrained).
 PRESETS: Dict[str, Dict[str, Any]] = {
-    'resnet50-imagenet': dict(model='resnet50', pretrained=True, ir50_checkpoint=None),
-    'vit-imagenet': dict(model='vit_base_patch16_224', pretrained=True, ir50_checkpoint=None),
+    # section 4.2 resizes every face to 112 ("short edge of 112"), the ImageNet models included
+    'resnet50-imagenet': dict(model='resnet50', pretrained=True, ir50_checkpoint=None, img_size=112),
+    'vit-imagenet': dict(model='vit_base_patch16_224', pretrained=True, ir50_checkpoint=None, img_size=112),
     'cvt': dict(model='cvt_ir50', pretrained=False, ir50_checkpoint='hub'),
     'aucvt-rafau': dict(model='aucvt_raf', pretrained=False, ir50_checkpoint='hub', require_aux_data=True),
     'aucvt-openface': dict(model='aucvt_openface', pretrained=False, ir50_checkpoint='hub'),
@@ -107,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--ir50-checkpoint',
                    help="IR-50 weights for a CVT model's CNN trunk: a .pth/.safetensors file (face.evoLVe or ir50 "
                         "names), 'hub' for the released MS-Celeb-1M ir50, 'none' to start from scratch")
+    g.add_argument('--img-size', type=int,
+                   help="square input size (default: the model's pretrained_cfg); models with a fixed input size "
+                        "(ViT, CVT) are built for it")
     g.add_argument('--drop-rate', type=float, default=0., help='dropout before the classifier')
     g = p.add_argument_group('optimisation')
     g.add_argument('--epochs', type=float, help='length of the schedule in epochs of --data')
@@ -308,6 +312,14 @@ def model_au_names(model: nn.Module) -> Tuple[str, ...]:
     return tuple(getattr(model, 'au_names', ()))
 
 
+def data_config(model: nn.Module, img_size: Optional[int] = None) -> Dict[str, Any]:
+    """Input size and normalisation from the model's `pretrained_cfg`, at `img_size` when given."""
+    cfg = resolve_data_config(model=model)
+    if img_size:
+        cfg['input_size'] = (cfg['input_size'][0], img_size, img_size)
+    return cfg
+
+
 def _load_state_file(path: str) -> Dict[str, torch.Tensor]:
     if not Path(path).is_file():
         raise FileNotFoundError(f'Checkpoint {path!r} does not exist.')
@@ -317,9 +329,23 @@ def _load_state_file(path: str) -> Dict[str, torch.Tensor]:
     return torch.load(path, map_location='cpu', weights_only=True)
 
 
-def create_model(name: str, pretrained: bool = False, ir50_checkpoint: Optional[str] = None, **kwargs) -> nn.Module:
-    """A zoo or timm model with the 6-expression head, its CNN trunk optionally initialised from IR-50 weights."""
+def create_model(
+        name: str,
+        pretrained: bool = False,
+        ir50_checkpoint: Optional[str] = None,
+        img_size: Optional[int] = None,
+        **kwargs,
+) -> nn.Module:
+    """A zoo or timm model with the 6-expression head, its CNN trunk optionally initialised from IR-50 weights.
+
+    `img_size` rebuilds a model whose input size is fixed (ViT position embeddings, CVT heads) for that size; other
+    models take any size and only the data transform changes (see `data_config`).
+    """
     model = timm.create_model(name, pretrained=pretrained, num_classes=len(EXPRESSIONS), **kwargs)
+    if img_size and model.pretrained_cfg.get('fixed_input_size') and \
+            tuple(model.pretrained_cfg['input_size'][1:]) != (img_size, img_size):
+        model = timm.create_model(
+            name, pretrained=pretrained, num_classes=len(EXPRESSIONS), img_size=img_size, **kwargs)
     if ir50_checkpoint and ir50_checkpoint.lower() != 'none':
         if not hasattr(model, 'load_trunk_state_dict'):
             raise ValueError(
@@ -421,7 +447,9 @@ def evaluate(
     metrics['num_images'] = int(index.numel())
     if au_names and (~torch.isnan(aus)).any():
         au = au_metrics(aus.numpy(), torch.sigmoid(au_logits).numpy(), au_names=au_names)
-        metrics.update(mean_au_f1=au['mean_f1'], per_au_f1=au['per_au_f1'], au_labelled=au['labelled'])
+        # an AU without a labelled image has no F1: None, so metrics.jsonl stays strict JSON (no NaN)
+        per_au = {k: None if math.isnan(v) else v for k, v in au['per_au_f1'].items()}
+        metrics.update(mean_au_f1=au['mean_f1'], per_au_f1=per_au, au_labelled=au['labelled'])
     return metrics
 
 
@@ -509,12 +537,12 @@ def _resume_path(resume: str) -> Path:
 class Progress:
     """A one-line progress bar on a terminal; plain log lines every `log_every` steps otherwise."""
 
-    def __init__(self, total: int, enabled: bool, log_every: int, stream=sys.stdout):
+    def __init__(self, total: int, enabled: bool, log_every: int, stream=None):
         self.total = total
         self.enabled = enabled
         self.log_every = max(1, log_every)
-        self.stream = stream
-        self.tty = stream.isatty()
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
 
     def step(self, step: int, epoch: float, values: Dict[str, float]) -> None:
         if not self.enabled:
@@ -554,7 +582,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 def train(args: argparse.Namespace, procs: Processes) -> Dict[str, Any]:
     """The training run of parsed `args` in this process of `procs`."""
     W, accum = procs.world_size, args.grad_accum_steps
-    for flag, size in (('--batch-size', args.batch_size), ('--aux-batch-size', args.aux_batch_size)):
+    splits = [('--batch-size', args.batch_size)] + [('--aux-batch-size', args.aux_batch_size)] * bool(args.aux_data)
+    for flag, size in splits:
         if size % (W * accum):
             raise ValueError(
                 f'{flag} {size} is the batch of one optimizer step; it must split evenly over {W} process(es) x '
@@ -578,10 +607,10 @@ def train(args: argparse.Namespace, procs: Processes) -> Dict[str, Any]:
     np.random.seed(args.seed)
     model = create_model(
         args.model, pretrained=args.pretrained and checkpoint is None,
-        ir50_checkpoint=None if checkpoint else args.ir50_checkpoint, drop_rate=args.drop_rate)
+        ir50_checkpoint=None if checkpoint else args.ir50_checkpoint, img_size=args.img_size, drop_rate=args.drop_rate)
     torch.manual_seed(args.seed + procs.rank)
     au_names = model_au_names(model)
-    data_cfg = resolve_data_config(model=model)
+    data_cfg = data_config(model, args.img_size)
 
     augment = train_transform(data_cfg, args.hflip, args.grayscale, args.blur)
     train_set = SeededItems(open_dataset(args.data, 'train', augment, au_names, args.on_error), args.seed)
@@ -630,7 +659,7 @@ def train(args: argparse.Namespace, procs: Processes) -> Dict[str, Any]:
         au_names=list(au_names), data_config=data_cfg, train_images=len(train_set),
         val_images=len(val_set) if val_set is not None else 0, aux_images=len(aux_set) if aux_set else 0)
     progress = Progress(last_step, procs.main, args.log_every)
-    progress.write(json.dumps(config, indent=2, default=str))
+    progress.write('Resolved config:\n' + '\n'.join(f'  {k:<20} {json.dumps(v, default=str)}' for k, v in config.items()))
     if val_set is None:
         progress.write('No --val-data: no evaluation during training and no best checkpoint; final/ is the result.')
 
