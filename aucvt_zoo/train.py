@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--alpha', type=float, help='weight of the expression loss')
     g.add_argument('--beta', type=float, help='weight of the AU loss')
     g = p.add_argument_group('run')
-    g.add_argument('--output', help='output folder (default runs/<model>-<date-time>)')
+    g.add_argument('--output', help='output folder (default runs/<model>-<date-time>, or the --resume run\'s folder)')
     g.add_argument('--resume', help='a checkpoint.pt (or the run folder holding one) to continue from')
     g.add_argument('--seed', type=int, default=0, help='seed of initialisation, sample order and augmentation')
     g.add_argument('--device', default='auto', help="'cpu', 'cuda', 'cuda:1', ... ('auto': cuda when available)")
@@ -591,14 +591,18 @@ def train(args: argparse.Namespace, procs: Processes) -> Dict[str, Any]:
     amp_dtype = getattr(torch, args.amp_dtype) if args.amp else None
     if amp_dtype == torch.float16 and procs.device.type != 'cuda':
         raise ValueError('--amp-dtype float16 needs a CUDA device; on CPU use --amp-dtype bfloat16.')
-    output = Path(args.output or f'runs/{args.model.replace("/", "_")}-{time.strftime("%Y%m%d-%H%M%S")}')
     checkpoint = None
     if args.resume:
-        checkpoint = torch.load(_resume_path(args.resume), map_location='cpu', weights_only=True)
+        resume_path = _resume_path(args.resume)
+        checkpoint = torch.load(resume_path, map_location='cpu', weights_only=True)
         if checkpoint['config']['model'] != args.model:
             raise ValueError(f'--resume {args.resume} holds a {checkpoint["config"]["model"]!r} run, not --model '
                              f'{args.model!r}; pass the same flags as the run you continue.')
-    elif (output / 'checkpoint.pt').exists():
+    # a resumed run continues in its own folder unless told otherwise
+    default_output = resume_path.parent if checkpoint else Path(
+        'runs', f'{args.model.replace("/", "_")}-{time.strftime("%Y%m%d-%H%M%S")}')
+    output = Path(args.output) if args.output else default_output
+    if checkpoint is None and (output / 'checkpoint.pt').exists():
         raise FileExistsError(f'{output} already holds a run: pass --resume {output} to continue it, or another --output.')
 
     # the same initial weights on every process; afterwards each process draws its own dropout masks
@@ -691,7 +695,7 @@ def train(args: argparse.Namespace, procs: Processes) -> Dict[str, Any]:
         aux_loader, aux_steps = loader_for(aux_set, args.aux_batch_size, '--aux-data')
         aux_batches = _batches(aux_loader, aux_loader.sampler, aux_set, aux_steps, accum, start_step)
 
-    def run_eval(step: int) -> Dict[str, Any]:
+    def run_eval() -> Dict[str, Any]:
         if procs.distributed:
             # every process must predict with rank 0's BatchNorm statistics, the ones that get saved
             for buffer in model.buffers():
@@ -710,6 +714,7 @@ def train(args: argparse.Namespace, procs: Processes) -> Dict[str, Any]:
     final_metrics: Optional[Dict[str, Any]] = None
     t0, images = time.perf_counter(), 0
     for step in range(start_step, last_step):
+        is_best = False
         lr = lr_at(step, args.lr, args.min_lr, warmup_steps, total_steps)
         for group in optimizer.param_groups:
             group['lr'] = lr
@@ -753,7 +758,7 @@ def train(args: argparse.Namespace, procs: Processes) -> Dict[str, Any]:
         progress.step(done, done / steps_per_epoch, values)
 
         if val_set is not None and (done % eval_every == 0 or done == last_step):
-            metrics = run_eval(done)
+            metrics = run_eval()
             record = dict(step=done, epoch=done / steps_per_epoch, lr=lr, train_loss=values['loss'], **metrics)
             is_best = best is None or metrics['f1'] > best['metrics']['f1']
             if is_best:
@@ -766,11 +771,12 @@ def train(args: argparse.Namespace, procs: Processes) -> Dict[str, Any]:
             progress.write(f'eval step {done}: {_summary(metrics)}' + (' (best)' if is_best else ''))
             final_metrics = metrics
             t0, images = time.perf_counter(), 0  # evaluation time is not training throughput
-        if done % checkpoint_every == 0 or done == last_step:
+        # a new best is checkpointed at once, so best/ on disk never belongs to steps a resumed run repeats
+        if done % checkpoint_every == 0 or done == last_step or is_best:
             save_checkpoint(done)
 
     if final_metrics is None and val_set is not None:
-        final_metrics = run_eval(last_step)
+        final_metrics = run_eval()
     results = dict(
         final=dict(step=last_step, metrics=final_metrics),
         best=best, selected_on=val_spec, selection_metric='f1 (macro F1 over the 6 expressions)',
