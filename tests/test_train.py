@@ -3,6 +3,7 @@
 The toy task is learnable: expression c is a bright band at rows 5c..5c+5 of a 32x32 noise image (flip-,
 grayscale- and blur-proof, like the augmentations), and each expression shows a fixed set of AUs.
 """
+import io
 import json
 import os
 import re
@@ -125,6 +126,9 @@ def test_preset_runs_and_writes_outputs(preset, data, tmp_path, capsys):
     for key, value in _weights(out / 'final').items():
         assert torch.equal(checkpoint['model'][key], value)
     assert 'eval step 2' in stdout and 'final (step 2)' in stdout
+    # the AU term is live exactly where AU labels reach an AU branch: the CSV's columns or RAF-AU's batch
+    bce = [float(x) for x in re.findall(r'^step \d+/2 .* bce (\S+)', stdout, re.M)]
+    assert len(bce) == 2 and all((b > 0) == has_aus for b in bce)
 
 
 def test_learns_the_toy_task_with_au_labels_on_the_same_images(data, tmp_path, capsys):
@@ -193,6 +197,21 @@ def test_weight_decay_spares_norms_biases_and_position_embeddings():
     names = {n for n, p in model.named_parameters() if id(p) in no_decay}
     assert 'pos_embed' in names and 'norm.weight' in names and 'head.bias' in names
     assert 'head.weight' not in names and 'stages.0.blocks.0.attn.qkv.weight' not in names
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    bar, log = Terminal(), io.StringIO()
+    for stream in (bar, log):
+        progress = train_mod.Progress(total=4, enabled=True, log_every=2, stream=stream)
+        for step in range(1, 5):
+            progress.step(step, step / 2, dict(loss=1. / step, lr=1e-4, img_s=100.))
+    assert bar.getvalue().count('\r') == 4 and '\n' not in bar.getvalue() and '4/4' in bar.getvalue()
+    assert log.getvalue().splitlines() == [
+        'step 2/4 epoch 1.00 loss 0.5 lr 0.0001 img_s 100', 'step 4/4 epoch 2.00 loss 0.25 lr 0.0001 img_s 100']
 
 
 def test_schedule_warms_up_linearly_then_decays_by_cosine():
