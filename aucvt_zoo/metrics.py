@@ -37,27 +37,30 @@ def expression_metrics(y_true, y_pred, num_classes: int = 6) -> Dict[str, object
     """Macro F1, accuracy, per-class F1 and confusion matrix of expression predictions.
 
     Args:
-        y_true: true class indices (N,).
+        y_true: true class indices (N,); samples with -1 (no expression label) are left out.
         y_pred: predicted class indices (N,), or scores/logits (N, num_classes) of which the argmax is taken.
         num_classes: number of classes; every class counts in the macro mean, present or not.
 
     Returns:
-        dict with `f1` (macro, float), `accuracy` (float), `per_class_f1` (list of floats) and `confusion`
-        (list of lists of ints, rows = true class), all JSON-serialisable.
+        dict with `f1` (macro, float), `accuracy` (float), `per_class_f1` (list of floats), `confusion`
+        (list of lists of ints, rows = true class) and `num_samples` (samples scored), all JSON-serialisable.
     """
-    y_pred = np.asarray(y_pred)
+    y_true, y_pred = _numpy(y_true), _numpy(y_pred)
     if y_pred.ndim == 2:
         if y_pred.shape[1] != num_classes:
             raise ValueError(f'y_pred has {y_pred.shape[1]} scores per sample; expected num_classes={num_classes}.')
         y_pred = y_pred.argmax(axis=1)
+    if y_true.ndim == 1 and y_true.shape == y_pred.shape:
+        labelled = y_true != -1
+        y_true, y_pred = y_true[labelled], y_pred[labelled]
     cm = confusion_matrix(y_true, y_pred, num_classes)
     n = cm.sum()
     if n == 0:
-        raise ValueError('no samples to evaluate (y_true is empty).')
+        raise ValueError('no samples to evaluate (y_true is empty or all -1).')
     tp = np.diag(cm)
     per_class = f1_from_counts(tp, cm.sum(axis=0) - tp, cm.sum(axis=1) - tp)
     return dict(f1=float(per_class.mean()), accuracy=float(tp.sum() / n), per_class_f1=per_class.tolist(),
-                confusion=cm.tolist())
+                confusion=cm.tolist(), num_samples=int(n))
 
 
 def au_metrics(y_true, probs, threshold: float = 0.5, au_names: Optional[Sequence[str]] = None) -> Dict[str, object]:
@@ -73,8 +76,8 @@ def au_metrics(y_true, probs, threshold: float = 0.5, au_names: Optional[Sequenc
         dict with `per_au_f1` ({name: F1, NaN for an AU with no labelled sample}), `mean_f1` (mean over the AUs
         with at least one labelled sample; NaN if there is none) and `labelled` ({name: number of labelled samples}).
     """
-    y_true = np.asarray(y_true, dtype=np.float64)
-    probs = np.asarray(probs, dtype=np.float64)
+    y_true = _numpy(y_true).astype(np.float64)
+    probs = _numpy(probs).astype(np.float64)
     if y_true.ndim != 2 or y_true.shape != probs.shape:
         raise ValueError(f'y_true and probs must both be (N, A); got {y_true.shape} and {probs.shape}.')
     names = [str(a) for a in au_names] if au_names is not None else [str(i) for i in range(y_true.shape[1])]
@@ -99,8 +102,15 @@ def au_metrics(y_true, probs, threshold: float = 0.5, au_names: Optional[Sequenc
                 labelled=dict(zip(names, count.tolist())))
 
 
+def _numpy(x) -> np.ndarray:
+    """An array from a list, numpy array or torch tensor (on any device), without importing torch."""
+    if hasattr(x, 'detach'):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
 def _as_labels(y, what: str, num_classes: int) -> np.ndarray:
-    y = np.asarray(y)
+    y = _numpy(y)
     if y.ndim != 1:
         raise ValueError(f'{what} must be 1-D class indices; got shape {y.shape}.')
     if y.size and not np.issubdtype(y.dtype, np.integer):
@@ -109,5 +119,5 @@ def _as_labels(y, what: str, num_classes: int) -> np.ndarray:
     y = y.astype(np.int64)
     if y.size and (y.min() < 0 or y.max() >= num_classes):
         raise ValueError(f'{what} has class index {int(y.min() if y.min() < 0 else y.max())} outside '
-                         f'0..{num_classes - 1} (unlabelled samples, -1, must be removed before scoring).')
+                         f'0..{num_classes - 1}.')
     return y

@@ -30,6 +30,15 @@ def test_expression_metrics_takes_logits():
     assert expression_metrics([0, 4], logits)['accuracy'] == 0.5
 
 
+def test_unlabelled_samples_and_tensors():
+    torch = pytest.importorskip('torch')
+    m = expression_metrics(torch.tensor([0, -1, 1, -1]), torch.tensor([0, 1, 0, 1]))
+    assert m['num_samples'] == 2 and m['accuracy'] == 0.5
+    assert m['confusion'][0][0] == 1 and m['confusion'][1][0] == 1 and sum(map(sum, m['confusion'])) == 2
+    a = au_metrics(torch.tensor([[1.0], [float('nan')]]), torch.tensor([[0.9], [0.9]]))
+    assert a['per_au_f1'] == {'0': 1.0}
+
+
 def test_zero_division_convention():
     """A class with no true and no predicted sample scores F1 0 and still counts in the 6-class macro mean."""
     m = expression_metrics([0, 1, 1], [0, 1, 1])
@@ -40,7 +49,9 @@ def test_zero_division_convention():
 
 def test_expression_metrics_rejects():
     with pytest.raises(ValueError, match='outside 0..5'):
-        expression_metrics([0, -1], [0, 1])
+        expression_metrics([0, -2], [0, 1])
+    with pytest.raises(ValueError, match='all -1'):
+        expression_metrics([-1], [0])
     with pytest.raises(ValueError, match='outside 0..5'):
         expression_metrics([0, 1], [0, 6])
     with pytest.raises(ValueError, match='2 samples but y_pred has 3'):

@@ -169,6 +169,7 @@ def test_label_csv_missing_image_is_reported(images):
     ds = LabelCsv(csv_path)
     with pytest.raises(ImageReadError, match='gone.png'):
         ds[1]
+    assert ds.missing_files() == [str(images / 'img' / 'gone.png')]
     skipping = LabelCsv(csv_path, on_error='skip')
     assert _red(skipping[1][0]) == 50 and skipping.skipped == 1
 
@@ -229,6 +230,13 @@ def test_rafau_tokens_null_and_dropped(rafau, caplog):
     image, expression, aus = ds[2]
     assert _red(image) == 130 and expression == -1 and aus.shape == (21,)
     assert ds.samples[0][0].endswith(os.path.join('aligned', '0001_aligned.jpg'))
+
+
+def test_rafau_null_drop(rafau):
+    ds = RafAu(rafau, null='drop')
+    assert len(ds) == 3 and ds.null_count == 1 and _red(ds[1][0]) == 130
+    with pytest.raises(ValueError, match="null must be 'absent' or 'drop'"):
+        RafAu(rafau, null='nan')
 
 
 def test_rafau_other_label_set_and_layout(rafau):

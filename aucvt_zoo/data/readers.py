@@ -27,7 +27,7 @@ from ..labels import EXPRESSION_ALIASES, EXPRESSIONS, au_name, expression_index,
 
 __all__ = [
     'IMAGE_EXTENSIONS', 'LabelFileError', 'ImageReadError', 'LsdFolder', 'LabelCsv', 'RafAu', 'LsdTestList',
-    'write_predictions', 'read_predictions', 'LSD_PREDICTION_HEADER',
+    'write_predictions', 'read_predictions', 'LSD_PREDICTION_HEADER', 'load_rgb',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -76,7 +76,8 @@ def load_rgb(path: str) -> Image.Image:
             return im.convert('RGB')
     except FileNotFoundError:
         raise ImageReadError(f'{path}: image file not found.') from None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    # PIL reports broken files as OSError (truncated data), ValueError or SyntaxError (bad headers in some plugins).
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageReadError(f'{path}: cannot read image ({type(e).__name__}: {e}).') from e
 
 
@@ -94,6 +95,10 @@ class _ImageDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def missing_files(self) -> List[str]:
+        """Image paths that do not exist (a stat per sample): check before a long run instead of failing in it."""
+        return [p for p, _ in self.samples if not os.path.isfile(p)]
 
     def _image(self, index: int):
         image = load_rgb(self.samples[index][0])
@@ -306,8 +311,9 @@ class RafAu(_ImageDataset):
     """RAF-AU: `RAFAU_label.txt` (`0001.jpg 1+2+L12+R4`, or `0001.jpg null`) and `aligned/0001_aligned.jpg` images.
 
     A side prefix (L/R: the AU on one side of the face only) counts as the AU being present. `null` means the coders
-    found no AU, so every AU of the set is 0 (absent), not unlabelled. AUs outside `au_names` are dropped and
-    counted in the log (`dropped_aus`). Expressions are not read from this file: `expression` is -1.
+    found no AU: by default every AU of the set is then 0 (absent), not unlabelled; `null='drop'` leaves those
+    images out instead (some AU papers train only on images with at least one AU). AUs outside `au_names` are
+    dropped and counted in the log (`dropped_aus`). Expressions are not read from this file: `expression` is -1.
 
     Args:
         root: the RAF-AU folder.
@@ -316,11 +322,15 @@ class RafAu(_ImageDataset):
         on_error: 'raise' or 'skip' for unreadable images.
         label_file: label file, relative to root.
         image_dir: image folder, relative to root; `<stem>.jpg` in the label file is `<stem>_aligned.jpg` there.
+        null: 'absent' (a `null` line is an image with every AU 0) or 'drop' (leave `null` images out).
     """
 
     def __init__(self, root: str, au_names: AuNames = 'rafau21', transform: Optional[Callable] = None,
-                 on_error: str = 'raise', label_file: str = 'RAFAU_label.txt', image_dir: str = 'aligned'):
+                 on_error: str = 'raise', label_file: str = 'RAFAU_label.txt', image_dir: str = 'aligned',
+                 null: str = 'absent'):
         super().__init__(transform, on_error)
+        if null not in ('absent', 'drop'):
+            raise ValueError(f"null must be 'absent' or 'drop', got {null!r}.")
         self.root = _require(root, 'the RAF-AU release (RAFAU_label.txt and aligned/)', True)
         self.au_names = resolve_aus(au_names)
         path = _require(os.path.join(root, label_file), 'the RAF-AU label list ("0001.jpg 1+2+L12" per line)', False)
@@ -328,6 +338,7 @@ class RafAu(_ImageDataset):
         image_root = os.path.join(root, image_dir)
         position = {a: i for i, a in enumerate(self.au_names)}
         self.dropped_aus = {}
+        self.null_count = 0
         rows = []
         with open(path, encoding='utf-8-sig') as f:
             for line, text in enumerate(f, 1):
@@ -342,7 +353,11 @@ class RafAu(_ImageDataset):
                 if not ext:
                     raise LabelFileError(path, line, f'image name {name!r} has no extension (e.g. 0001.jpg).')
                 aus = [0.0] * len(self.au_names)
-                if code.lower() != 'null':
+                if code.lower() == 'null':
+                    self.null_count += 1
+                    if null == 'drop':
+                        continue
+                else:
                     for token in code.split('+'):
                         au = self._parse_token(token, path, line)
                         if au in position:
@@ -353,9 +368,9 @@ class RafAu(_ImageDataset):
         if not rows:
             raise LabelFileError(path, None, 'no labelled images in the file.')
         if self.dropped_aus:
+            ordered = sorted(self.dropped_aus.items(), key=lambda t: int(t[0][2:]))
             _logger.info('%s: dropped %d label(s) of AUs outside the label set: %s', path,
-                         sum(self.dropped_aus.values()),
-                         ', '.join(f'{a} x{n}' for a, n in sorted(self.dropped_aus.items(), key=lambda t: int(t[0][2:]))))
+                         sum(self.dropped_aus.values()), ', '.join(f'{a} x{n}' for a, n in ordered))
         self.samples = [(p, -1) for p, _ in rows]
         self.au_targets = torch.tensor([a for _, a in rows], dtype=torch.float32).reshape(len(rows),
                                                                                            len(self.au_names))
