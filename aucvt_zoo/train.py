@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import transforms as T
 
 from .data.readers import LabelCsv, LsdFolder, RafAu
+from .hub import PretrainedWeightsError
 from .labels import EXPRESSIONS
 from .losses import JointLoss, label_counts
 from .metrics import au_metrics, expression_metrics
@@ -130,12 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--resume', help='a checkpoint.pt (or the run folder holding one) to continue from')
     g.add_argument('--seed', type=int, default=0, help='seed of initialisation, sample order and augmentation')
     g.add_argument('--device', default='auto', help="'cpu', 'cuda', 'cuda:1', ... ('auto': cuda when available)")
+    g.add_argument('--deterministic', action='store_true',
+                   help='deterministic kernels only (bit-exact resume on CUDA too; slower)')
     g.add_argument('--amp', action='store_true', help='mixed precision autocast (bf16 on CPU or CUDA, fp16 on CUDA)')
     g.add_argument('--amp-dtype', choices=('bfloat16', 'float16'), default='bfloat16', help='autocast dtype')
     g.add_argument('--eval-every', type=int, default=0, help='evaluate every N steps (0: once per epoch) and at the end')
     g.add_argument('--checkpoint-every', type=int, default=0, help='write checkpoint.pt every N steps (0: at each eval)')
     g.add_argument('--eval-batch-size', type=int, default=256, help='global batch of the evaluation')
     g.add_argument('--log-every', type=int, default=10, help='steps between log lines when stdout is not a terminal')
+    p.set_defaults(**RECIPE)
+    p.epilog = 'presets (Table 1 rows; explicit flags still win): ' + '; '.join(
+        f'{name}: ' + ', '.join(f'{k}={v}' for k, v in values.items() if k != 'require_aux_data')
+        for name, values in PRESETS.items())
     return p
 
 
@@ -143,7 +150,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse the command line; the recipe, then the preset, then explicit flags decide each value."""
     parser = build_parser()
     preset = parser.parse_known_args(argv)[0].preset
-    parser.set_defaults(**RECIPE, **{k: v for k, v in PRESETS.get(preset, {}).items() if k != 'require_aux_data'})
+    parser.set_defaults(**{k: v for k, v in PRESETS.get(preset, {}).items() if k != 'require_aux_data'})
     args = parser.parse_args(argv)
     if args.data is None:
         parser.error(
@@ -352,7 +359,12 @@ def create_model(
                 f'--ir50-checkpoint initialises the IR-50 trunk of a CVT model; {name!r} has none. Drop the flag '
                 f'(or pass --ir50-checkpoint none) for this model.')
         if ir50_checkpoint == 'hub':
-            state = timm.create_model('ir50', pretrained=True).state_dict()
+            try:
+                state = timm.create_model('ir50', pretrained=True).state_dict()
+            except PretrainedWeightsError as err:
+                raise PretrainedWeightsError(
+                    f'{err} For training, --ir50-checkpoint PATH takes a local face.evoLVe IR-50 file instead, and '
+                    f'--ir50-checkpoint none starts the trunk from scratch.') from err
         else:
             state = _load_state_file(ir50_checkpoint)
         model.load_trunk_state_dict(state)
@@ -604,6 +616,12 @@ def train(args: argparse.Namespace, procs: Processes) -> Dict[str, Any]:
     output = Path(args.output) if args.output else default_output
     if checkpoint is None and (output / 'checkpoint.pt').exists():
         raise FileExistsError(f'{output} already holds a run: pass --resume {output} to continue it, or another --output.')
+
+    if args.deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic; it must be set before the first CUDA matmul
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
 
     # the same initial weights on every process; afterwards each process draws its own dropout masks
     torch.manual_seed(args.seed)
