@@ -21,6 +21,7 @@ loader workers, and a torchrun sees the same global batches as one process.
 """
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -798,7 +799,7 @@ def train(args: argparse.Namespace, procs: Processes) -> Dict[str, Any]:
     results = dict(
         final=dict(step=last_step, metrics=final_metrics),
         best=best, selected_on=val_spec, selection_metric='f1 (macro F1 over the 6 expressions)',
-        replica_max_abs_diff=_replica_difference(model, procs))
+        replica_mismatches=_replica_mismatches(model, procs))
     if procs.main:
         save_hub_checkpoint(model, output / 'final')
         (output / 'results.json').write_text(json.dumps(results, indent=2))
@@ -809,11 +810,12 @@ def train(args: argparse.Namespace, procs: Processes) -> Dict[str, Any]:
     return results
 
 
-def _replica_difference(model: nn.Module, procs: Processes) -> float:
-    """Largest difference of per-tensor parameter sums between processes (0 when DDP kept the replicas equal)."""
-    sums = torch.stack([p.detach().double().sum() for p in model.parameters()]).cpu()
-    gathered = procs.gather(sums)
-    return max(float((g - gathered[0]).abs().max()) for g in gathered)
+def _replica_mismatches(model: nn.Module, procs: Processes) -> List[str]:
+    """Parameters whose bytes differ between processes (none when DDP kept the replicas identical)."""
+    digests = {name: hashlib.sha1(p.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+               for name, p in model.named_parameters()}
+    gathered = procs.gather(digests)
+    return sorted({name for other in gathered[1:] for name in digests if other[name] != digests[name]})
 
 
 if __name__ == '__main__':
