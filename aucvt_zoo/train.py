@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--data', default=DEFAULT_DATA,
                    help='training data: a folder per expression, a label CSV, a RAF-AU folder, or a registered name '
                         f'({", ".join(DATA_SOURCES) or "none registered"})')
-    g.add_argument('--val-data', help='validation data (same kinds); a registered --data name defaults to its val split')
+    g.add_argument('--val-data',
+                   help='validation data (same kinds); a registered --data name defaults to its val split')
     g.add_argument('--aux-data', help='auxiliary AU data (RAF-AU folder or label CSV), cycled alongside --data')
     g.add_argument('--aux-batch-size', type=int, help='global batch of --aux-data per optimizer step')
     g.add_argument('--workers', type=int, default=4, help='data loader processes per training process')
@@ -136,8 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help='deterministic kernels only (bit-exact resume on CUDA too; slower)')
     g.add_argument('--amp', action='store_true', help='mixed precision autocast (bf16 on CPU or CUDA, fp16 on CUDA)')
     g.add_argument('--amp-dtype', choices=('bfloat16', 'float16'), default='bfloat16', help='autocast dtype')
-    g.add_argument('--eval-every', type=int, default=0, help='evaluate every N steps (0: once per epoch) and at the end')
-    g.add_argument('--checkpoint-every', type=int, default=0, help='write checkpoint.pt every N steps (0: at each eval)')
+    g.add_argument('--eval-every', type=int, default=0,
+                   help='evaluate every N steps (0: once per epoch) and at the end')
+    g.add_argument('--checkpoint-every', type=int, default=0,
+                   help='write checkpoint.pt every N steps (0: at each eval)')
     g.add_argument('--eval-batch-size', type=int, default=256, help='global batch of the evaluation')
     g.add_argument('--log-every', type=int, default=10, help='steps between log lines when stdout is not a terminal')
     p.set_defaults(**RECIPE)
@@ -616,7 +619,8 @@ def train(args: argparse.Namespace, procs: Processes) -> Dict[str, Any]:
         'runs', f'{args.model.replace("/", "_")}-{time.strftime("%Y%m%d-%H%M%S")}')
     output = Path(args.output) if args.output else default_output
     if checkpoint is None and (output / 'checkpoint.pt').exists():
-        raise FileExistsError(f'{output} already holds a run: pass --resume {output} to continue it, or another --output.')
+        raise FileExistsError(
+            f'{output} already holds a run: pass --resume {output} to continue it, or another --output.')
 
     if args.deterministic:
         # cuBLAS needs a fixed workspace to be deterministic; it must be set before the first CUDA matmul
@@ -652,8 +656,8 @@ def train(args: argparse.Namespace, procs: Processes) -> Dict[str, Any]:
         sampler = ResumableSampler(dataset, W, procs.rank, args.seed)
         steps = sampler.sampler.num_samples // micro // accum
         if steps == 0:
-            raise ValueError(f'{name} has {len(dataset)} images, fewer than one step of {global_batch} needs; lower the '
-                             f'batch size.')
+            raise ValueError(
+                f'{name} has {len(dataset)} images, fewer than one step of {global_batch} needs; lower the batch size.')
         loader = DataLoader(
             dataset, batch_size=micro, sampler=sampler, num_workers=args.workers, drop_last=True,
             pin_memory=procs.device.type == 'cuda', generator=torch.Generator().manual_seed(args.seed))
@@ -682,7 +686,8 @@ def train(args: argparse.Namespace, procs: Processes) -> Dict[str, Any]:
         au_names=list(au_names), data_config=data_cfg, train_images=len(train_set),
         val_images=len(val_set) if val_set is not None else 0, aux_images=len(aux_set) if aux_set else 0)
     progress = Progress(last_step, procs.main, args.log_every)
-    progress.write('Resolved config:\n' + '\n'.join(f'  {k:<20} {json.dumps(v, default=str)}' for k, v in config.items()))
+    progress.write(
+        'Resolved config:\n' + '\n'.join(f'  {k:<20} {json.dumps(v, default=str)}' for k, v in config.items()))
     if val_set is None:
         progress.write('No --val-data: no evaluation during training and no best checkpoint; final/ is the result.')
 

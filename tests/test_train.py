@@ -190,6 +190,23 @@ def test_ir50_checkpoint_initialises_the_cvt_trunk(tmp_path):
         train_mod.create_model('test_resnet', ir50_checkpoint=str(path))
 
 
+def test_open_dataset_picks_the_reader_and_passes_the_error_policy(data, tmp_path):
+    transform = train_mod.eval_transform(dict(input_size=(3, 112, 112), mean=(0.5,) * 3, std=(0.5,) * 3))
+    rafau = train_mod.open_dataset(str(data / 'rafau' / 'RAFAU_label.txt'), 'train', transform, ('AU1', 'AU12'))
+    image, expression, aus = rafau[3]  # 0003: happiness, coded L6+L12+43 (one-sided AU12 counts as present)
+    assert image.shape == (3, 112, 112) and expression == -1 and aus.tolist() == [0., 1.]
+    csv = train_mod.open_dataset(str(data / 'val_openface.csv'), 'val', transform, ('AU12', 'AU7'))
+    assert csv[12][1] == 3 and csv[12][2][0] == 1 and torch.isnan(csv[12][2][1])
+    broken = tmp_path / 'faces'
+    (broken / 'happy').mkdir(parents=True)
+    (broken / 'happy' / 'a.png').write_bytes(b'not a png')
+    _face(np.random.default_rng(0), 3).save(broken / 'happy' / 'b.png')
+    with pytest.raises(OSError, match='a.png'):
+        train_mod.open_dataset(str(broken), 'train', transform, ())[0]
+    skipping = train_mod.open_dataset(str(broken), 'train', transform, (), on_error='skip')
+    assert skipping[0][1] == 3 and skipping.skipped == 1
+
+
 def test_weight_decay_spares_norms_biases_and_position_embeddings():
     model = timm.create_model('cvt_ir50_tiny', pos_embed=True)
     groups = train_mod.param_groups_weight_decay(model, 5e-4, no_weight_decay_list=model.no_weight_decay())
