@@ -501,7 +501,9 @@ def weights_table(manifest: Optional[Dict[str, Any]] = None) -> str:
                 f'{m["reported_by"]}: {m.get("name", m["type"])} {m["value"]:.4f}' for m in reported)
         else:
             metric = 'not measured'
-        status = 'published' if e.get('status') == 'published' else 'not published yet (planned)'
+        status = {'published': 'published',
+                  'shipped': f'shipped in the package (`{e.get("package_file")}`); Hub: planned'}.get(
+            e.get('status'), 'not published yet (planned)')
         licence = e.get('license', '') + (f': {e["license_name"]}' if e.get('license_name') else '')
         rows.append(f'| `{e["model"]}` | `{e["repo_id"]}` | {status} | {e.get("source_short", "")} | {licence} | '
                     f'{metric} | {(e.get("sha256") or "-")[:12]} |')

@@ -252,12 +252,14 @@ def test_manifest_lists_every_registered_checkpoint_honestly():
             assert entry['license'] and entry['data_terms'] and entry['source']
     for entry in manifest['entries']:
         # "published" is a claim that needs a revision and a hash to verify against
-        assert entry['status'] in ('planned', 'published')
+        assert entry['status'] in ('planned', 'published', 'shipped')
         if entry['status'] == 'published':
             assert entry['revision'] and len(entry['sha256']) == 64
+        if entry['status'] == 'shipped':  # inside the package: the file is here to check
+            assert hub.sha256_file(ROOT / entry['package_file']) == entry['sha256']
         for metric in entry['metrics']:
             assert metric['protocol'] and (metric['value'] is None or metric.get('reported_by')
-                                           or entry['status'] == 'published')
+                                           or entry['status'] in ('published', 'shipped'))
 
 
 @pytest.mark.parametrize('readme', ['weights/README.md', 'README.md'])

@@ -15,6 +15,7 @@ classes (`*_released` models), so its checkpoints convert and load.
 Token maps are kept channels-last, (B, H, W, C), so the lattice is explicit for the Conv-FFN, merging and the
 AU regions.
 """
+from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -432,7 +433,10 @@ default_cfgs = zoo_default_cfgs({
         description='AU-CVT OpenFace, authors\' released-code layout (2 regions). ' + _LSD),
     'cvt_ir50_tiny.facs': _cfg(description='Narrow CVT for tests and demos. ' + _FACS),
     'aucvt_raf_tiny.facs': _cfg(description='Narrow AU-CVT (rafau21) for tests and demos. ' + _FACS),
-    'aucvt_openface_tiny.facs': _cfg(description='Narrow AU-CVT (openface16) for tests and demos. ' + _FACS),
+    # trained by the default run of the project's trainer, shipped inside the package: loads offline everywhere
+    'aucvt_openface_tiny.facs': _cfg(
+        file=str(Path(__file__).resolve().parents[1] / 'weights' / 'aucvt_openface_tiny.facs.safetensors'),
+        description='Narrow AU-CVT (openface16) for tests and demos. ' + _FACS),
 })
 
 # The paper's model, and the authors' released-code layout of the same classes.
