@@ -250,6 +250,10 @@ def build_model(
     """`timm.models.build_model_with_cfg` with pretrained weights verified and their failures in the zoo's terms."""
     facts: Dict[str, Any] = {}
     source = ''
+    overlay = kwargs.get('pretrained_cfg_overlay') or {}
+    if overlay.get('hf_hub_id') and 'file' not in overlay:
+        # a Hub repo the caller names beats a file the registry ships (timm would prefer the file)
+        kwargs = dict(kwargs, pretrained_cfg_overlay=dict(overlay, file=None))
     if pretrained:
         kwargs, facts, source = _prefetch(variant, kwargs)
         mismatch = _facts_mismatch(variant, None, facts, source)

@@ -103,8 +103,8 @@ def test_offline_warm_cache_loads_and_cold_cache_says_what_to_do(tmp_path, local
 
 
 def test_unpublished_repo_error_names_repo(local_hub):
-    with pytest.raises(PretrainedWeightsError, match=f"repo '{hub.hub_repo_id('aucvt_openface_tiny.facs')}'"):
-        timm.create_model('aucvt_openface_tiny', pretrained=True)
+    with pytest.raises(PretrainedWeightsError, match=f"repo '{hub.hub_repo_id('aucvt_raf_tiny.facs')}'"):
+        timm.create_model('aucvt_raf_tiny', pretrained=True)
 
 
 def test_hf_hub_name_and_revision_pinning(tmp_path, local_hub):
