@@ -383,7 +383,7 @@ def save_release(
     Returns:
         A manifest entry for the written file: repo_id, file, sha256, size and the card facts.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     from timm.models import save_for_hf
 
     out_dir = Path(out_dir)
@@ -401,7 +401,7 @@ def save_release(
     save_for_hf(model, out_dir, model_config=model_config, safe_serialization=True)
     # record what the tensors are for in the file itself, so a load into the wrong model is refused up front
     weights = out_dir / WEIGHTS_FILE
-    save_file(load_file(str(weights)), str(weights), metadata={
+    save_safetensors(load_file(str(weights)), weights, metadata={
         'format': 'pt', META_ARCHITECTURE: architecture, META_AU_NAMES: ','.join(au_names),
         META_NUM_CLASSES: str(model.num_classes)})
     sha256 = sha256_file(weights)
@@ -483,6 +483,25 @@ def push_release(out_dir: os.PathLike, repo_id: str, revision: Optional[str] = N
     info = api.upload_folder(repo_id=repo_id, folder_path=str(out_dir), revision=revision,
                              commit_message=commit_message)
     return info.oid
+
+
+# --- files ---------------------------------------------------------------------------------------------------------
+def save_safetensors(tensors: Dict[str, torch.Tensor], path: os.PathLike, metadata: Dict[str, str]) -> None:
+    """`safetensors.torch.save_file` with the JSON header's keys sorted, so equal tensors give equal bytes.
+
+    safetensors writes its metadata map in a per-process random order, which would make the sha256 of a release
+    differ between two conversions of the same weights.
+    """
+    from safetensors.torch import save_file
+    save_file(tensors, str(path), metadata=metadata)
+    with open(path, 'r+b') as f:
+        size = int.from_bytes(f.read(8), 'little')
+        header = json.loads(f.read(size))
+        canonical = json.dumps(header, sort_keys=True, separators=(',', ':')).encode()
+        if len(canonical) > size:  # cannot happen: sorting and compact separators never lengthen the header
+            raise ConversionError(f'canonical safetensors header of {path} is longer than the written one')
+        f.seek(8)
+        f.write(canonical + b' ' * (size - len(canonical)))  # the format pads headers with spaces
 
 
 # --- the README table ---------------------------------------------------------------------------------------------
@@ -635,8 +654,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _write_embedding(state_dict: Dict[str, torch.Tensor], report: Dict[str, Any], out: Path, source: Path) -> int:
-    from safetensors.torch import save_file
-
     from .models.ir50 import IResNet
     layers = report['model_args']['trunk_layers']
     channels = tuple(int(state_dict[f'stages.{s}.0.residual.1.weight'].shape[0]) for s in range(len(layers)))
@@ -644,7 +661,7 @@ def _write_embedding(state_dict: Dict[str, torch.Tensor], report: Dict[str, Any]
     trunk.load_state_dict(state_dict, strict=True)  # the embedding is exactly units 0-20, nothing else
     out.mkdir(parents=True, exist_ok=True)
     path = out / 'ir50_embedding.safetensors'
-    save_file(trunk.state_dict(), str(path), metadata={'format': 'pt', META_ARCHITECTURE: 'ir50_embedding'})
+    save_safetensors(trunk.state_dict(), path, metadata={'format': 'pt', META_ARCHITECTURE: 'ir50_embedding'})
     print(f'wrote {path}: IR-50 units 0-20 ({sum(p.numel() for p in trunk.parameters()):,} parameters), load with '
           f'model.load_trunk_state_dict(safetensors.torch.load_file(...))')
     print(f'dropped: {", ".join(_collapse(report["dropped"]))}')

@@ -413,3 +413,20 @@ def test_trainer_hub_folder_converts_bitwise(tmp_path):
     assert released.keys() == model.state_dict().keys()
     assert all(torch.equal(released[k], v) for k, v in model.state_dict().items())
     assert release['sha256'] == sha256_file(tmp_path / 'release' / 'model.safetensors')
+
+
+def test_release_files_are_byte_stable(tmp_path):
+    """Equal tensors and facts give equal bytes (and sha256), whatever order the metadata map comes in."""
+    from aucvt_zoo.convert import save_safetensors
+    import safetensors.torch
+    tensors = {'b.weight': torch.arange(6.).view(2, 3), 'a.bias': torch.ones(3)}
+    facts = {'format': 'pt', 'aucvt_zoo.architecture': 'x', 'aucvt_zoo.au_names': 'AU1,AU2', 'z': '1'}
+    paths = []
+    for i, order in enumerate((list(facts), list(reversed(list(facts))))):
+        paths.append(tmp_path / f'{i}.safetensors')
+        save_safetensors(tensors, paths[-1], {k: facts[k] for k in order})
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    loaded = safetensors.torch.load_file(str(paths[0]))
+    assert torch.equal(loaded['b.weight'], tensors['b.weight'])
+    with safetensors.safe_open(str(paths[0]), 'pt') as f:
+        assert f.metadata() == facts
