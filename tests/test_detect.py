@@ -147,3 +147,17 @@ def test_register_and_create_detector():
         detect_mod.DETECTORS.pop('fixed_test')
     with pytest.raises(ValueError, match='Unknown face detector'):
         create_detector('nope')
+
+
+@needs_mtcnn
+@pytest.mark.parametrize('style,seed', [('synthetic', 3), ('real', 4)])
+def test_mtcnn_finds_rendered_faces_and_their_landmarks(mtcnn, style, seed):
+    """The built-in renderer draws a face and says where its landmarks are: the detector must agree."""
+    from PIL import Image
+
+    from aucvt_zoo.data.faces import FacsFaces
+    face, landmarks = FacsFaces(8, style=style, seed=seed).render(0)
+    scale, offset = 1.6, np.array([50.0, 40.0])
+    canvas = Image.new('RGB', (300, 300), (128, 128, 128))
+    canvas.paste(face.resize((round(112 * scale),) * 2, Image.BICUBIC), tuple(int(o) for o in offset))
+    assert_finds_face(mtcnn, np.array(canvas), np.asarray(landmarks) * scale + offset)
