@@ -160,4 +160,5 @@ def test_mtcnn_finds_rendered_faces_and_their_landmarks(mtcnn, style, seed):
     scale, offset = 1.6, np.array([50.0, 40.0])
     canvas = Image.new('RGB', (300, 300), (128, 128, 128))
     canvas.paste(face.resize((round(112 * scale),) * 2, Image.BICUBIC), tuple(int(o) for o in offset))
-    assert_finds_face(mtcnn, np.array(canvas), np.asarray(landmarks) * scale + offset)
+    # 20% of the eye distance: MTCNN puts the cartoon's mouth corners ~18% off (eyes and nose ~8%)
+    assert_finds_face(mtcnn, np.array(canvas), np.asarray(landmarks) * scale + offset, tolerance=0.2)
