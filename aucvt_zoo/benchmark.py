@@ -148,7 +148,7 @@ def _current_allocator() -> str:
     for name in ('jemalloc', 'tcmalloc'):
         if name in preload:
             return name
-    return 'glibc'
+    return 'glibc-tuned' if fast._glibc_tuned else 'glibc'
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -378,8 +378,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--runs', type=int, default=5, help='timed runs; the median is reported')
     p.add_argument('--min-run-s', type=float, default=1.0, help='each timed run repeats the step for >= this long')
     p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch decides)')
-    p.add_argument('--allocator', default='current', choices=['current', 'glibc', 'jemalloc', 'tcmalloc'],
-                   help='re-run in a child process with this malloc preloaded (glibc: without a preload)')
+    p.add_argument('--allocator', default='current', choices=['current', 'glibc', 'glibc-tuned', 'jemalloc', 'tcmalloc'],
+                   help='jemalloc/tcmalloc/glibc: re-run in a child process with this malloc preloaded (glibc: '
+                        'without a preload); glibc-tuned: keep glibc and apply fast.tune_glibc_malloc in-process')
     p.add_argument('--json', default=None, help='write results and machine info here')
     p.add_argument('--csv', default=None, help='write one row per result here')
     return p
@@ -388,7 +389,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> List[BenchmarkResult]:
     """Run the benchmark; prints a Markdown table and returns the results."""
     args = _parser().parse_args(argv)
-    if args.allocator != 'current' and args.allocator != _current_allocator() and not os.environ.get(_CHILD_ENV):
+    if args.allocator == 'glibc-tuned' and not fast.tune_glibc_malloc():
+        raise SystemExit('--allocator glibc-tuned: malloc here is not glibc (or another allocator is preloaded).')
+    if args.allocator not in ('current', 'glibc-tuned') and args.allocator != _current_allocator() and \
+            not os.environ.get(_CHILD_ENV):
         env = fast.allocator_env(args.allocator)
         env[_CHILD_ENV] = '1'
         child_argv = list(argv if argv is not None else sys.argv[1:])

@@ -22,6 +22,7 @@ argmax agrees with fp32 eager on >= 99.5% of the check batch and whose expressio
 `FastModel` is inference-only: it runs under `torch.inference_mode` and returns fp32 logits whatever the path.
 """
 import copy
+import ctypes
 import dataclasses
 import os
 import sys
@@ -37,7 +38,7 @@ from .models.ir50 import BottleneckIR
 __all__ = [
     'ACCEPT_AGREEMENT', 'ACCEPT_MAX_DIFF', 'FastPath', 'FastModel', 'Agreement', 'CandidateReport', 'FastChoice',
     'bf16_supported', 'candidate_paths', 'fold_batchnorm', 'prepare', 'check_agreement', 'choose_fast_path',
-    'find_allocator', 'allocator_env',
+    'find_allocator', 'allocator_env', 'tune_glibc_malloc',
 ]
 
 # The acceptance rule of the predict path (issue 6): a fast path may change a frame's predicted expression on
@@ -574,3 +575,33 @@ def allocator_env(name: str, base: Optional[Dict[str, str]] = None) -> Dict[str,
     else:
         env.pop('LD_PRELOAD', None)
     return env
+
+
+# glibc <malloc.h> mallopt parameters
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+_glibc_tuned = False
+
+
+def tune_glibc_malloc(trim_threshold: int = 1 << 30, top_pad: int = 64 << 20) -> bool:
+    """Stop glibc malloc from returning activation buffers to the kernel after every forward pass.
+
+    glibc serves allocations above its mmap threshold (which cannot be raised past 32 MiB) with fresh mmaps and
+    unmaps them on free, so every large activation is page-faulted in again on the next pass (hundreds of
+    thousands of faults per batch of 32 for AU-CVT). With mmap disabled (M_MMAP_MAX = 0) and a high trim
+    threshold, freed memory stays in the heap and is reused. Unlike LD_PRELOAD of jemalloc/tcmalloc this works
+    in a running process, for allocations made after the call. The cost: the process keeps its peak memory.
+
+    Returns True when applied; False where malloc is not glibc's or another allocator is preloaded.
+    """
+    global _glibc_tuned
+    if any(name in os.environ.get('LD_PRELOAD', '') for name in _ALLOCATOR_LIBS):
+        return False
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+        libc.gnu_get_libc_version  # glibc only: musl and others have no such symbol
+    except (OSError, AttributeError):
+        return False
+    ok = all(libc.mallopt(param, value) == 1 for param, value in (
+        (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, trim_threshold), (_M_TOP_PAD, top_pad)))
+    _glibc_tuned = _glibc_tuned or ok
+    return ok

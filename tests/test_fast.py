@@ -181,3 +181,30 @@ def test_benchmark_rows_and_outputs(tmp_path):
 def test_flop_count_matches_hand_count():
     conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
     assert benchmark.count_flops(conv, torch.randn(1, 3, 10, 10)) == 2 * 8 * 3 * 9 * 10 * 10
+
+
+_FAULTS_SCRIPT = '''
+import resource, sys, torch
+from aucvt_zoo import fast
+if sys.argv[1] == "tuned":
+    assert fast.tune_glibc_malloc()
+torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    torch.empty(64 << 20, dtype=torch.uint8).fill_(1)   # 64 MiB: above any glibc mmap threshold
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+'''
+
+
+def test_tune_glibc_malloc_stops_refaulting():
+    import subprocess
+    import sys
+    env = fast.allocator_env('glibc')
+    env['PYTHONPATH'] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                         env.get('PYTHONPATH', '')])
+    faults = {mode: int(subprocess.run([sys.executable, '-c', _FAULTS_SCRIPT, mode], env=env, check=True,
+                                       capture_output=True, text=True).stdout.split()[-1])
+              for mode in ('plain', 'tuned')}
+    pages = 5 * (64 << 20) // 4096
+    assert faults['plain'] > pages // 2, faults  # glibc maps and unmaps each buffer: every page faults again
+    assert faults['tuned'] < pages // 3, faults  # kept in the heap and reused (at most one buffer faults in)
