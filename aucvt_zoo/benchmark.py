@@ -288,6 +288,7 @@ def _train_step(model: nn.Module, path: FastPath, x: torch.Tensor):
 
 _TABLE_COLUMNS = (
     ('model', 'model'), ('img_size', 'size'), ('mode', 'mode'), ('batch_size', 'batch'), ('path', 'path'),
+    ('allocator', 'malloc'),
     ('img_per_s', 'img/s (median)'), ('spread', 'min-max'), ('speedup', 'vs fp32 eager'),
     ('gflops_per_img', 'GFLOPs/img'), ('achieved_gflops_per_s', 'GFLOP/s'), ('pct_of_peak', '% of peak'),
     ('peak_mem_mb', 'peak mem MB'), ('page_faults_per_batch', 'faults/batch'), ('agreement', 'argmax agr. / max|diff|'),
@@ -295,8 +296,11 @@ _TABLE_COLUMNS = (
 
 
 def markdown_table(results: Sequence[BenchmarkResult]) -> str:
-    """The results as a Markdown table, with each path's speed-up over fp32 eager of the same model and batch."""
-    base = {(r.model, r.mode, r.batch_size): r.img_per_s for r in results if r.path == 'fp32' and not r.error}
+    """The results as a Markdown table, with each row's speed-up over the first fp32 eager row of its model/batch."""
+    base: Dict[Any, float] = {}
+    for r in results:  # the first fp32 eager row of a model/mode/batch is the baseline
+        if r.path == 'fp32' and not r.error:
+            base.setdefault((r.model, r.mode, r.batch_size), r.img_per_s)
     lines = ['| ' + ' | '.join(h for _, h in _TABLE_COLUMNS) + ' |', '|' + '---|' * len(_TABLE_COLUMNS)]
     for r in results:
         if r.error:

@@ -141,39 +141,57 @@ class BnConv(nn.Module):
     """conv(BN(x)) with zero padding, folded exactly.
 
     The BN scale goes into the filters (a scaled zero is still zero, so padding is unaffected). The BN shift
-    does not fold into a bias: the padded border sees zeros, not the shift, so its contribution is
-    conv(pad(shift * 1)), constant inside the map and different on the border. That map depends only on the
-    input size; it is precomputed for the size the model was prepared with (CVT models have a fixed size) and
-    computed on the fly for any other size.
+    is not simply a bias: the padded border sees zeros, not the shift, so its contribution conv(pad(shift * 1))
+    is constant inside the map (that constant becomes the conv bias) and different on a ring as wide as the
+    padding. The ring's correction depends only on the input size: precomputed for the size the model was
+    prepared with (CVT models have a fixed size), computed on the fly for any other, and added in place to the
+    ring only, so the fold costs four thin slices instead of a pass over the map.
     """
 
     def __init__(self, bn: nn.BatchNorm2d, conv: nn.Conv2d, input_hw: Optional[Tuple[int, int]]):
         super().__init__()
         scale, shift = _bn_affine(bn)
         self.conv = copy.deepcopy(conv)
-        self.conv.weight = nn.Parameter(
-            (conv.weight.double() * scale.view(1, -1, 1, 1)).to(conv.weight.dtype), requires_grad=False)
+        weight = conv.weight.double()
+        self.conv.weight = nn.Parameter((weight * scale.view(1, -1, 1, 1)).to(conv.weight.dtype), requires_grad=False)
+        # value of conv(shift * 1) where every tap is inside the image
+        interior = (weight * shift.view(1, -1, 1, 1)).sum(dim=(1, 2, 3))
+        if conv.bias is not None:
+            interior = interior + conv.bias.double()
+        self.conv.bias = nn.Parameter(interior.to(conv.weight.dtype), requires_grad=False)
         self.register_buffer('shift', shift.to(conv.weight.dtype), persistent=False)
         self.register_buffer('orig_weight', conv.weight.detach().clone(), persistent=False)
+        pad = conv.padding if isinstance(conv.padding, tuple) else (conv.padding, conv.padding)
+        # ring-only correction for the stride-1, symmetric-padding convs of IR units; a full map otherwise
+        self.ring = pad[0] if (tuple(conv.stride) == (1, 1) and pad[0] == pad[1] and tuple(conv.dilation) == (1, 1)
+                               and isinstance(conv.padding, tuple)) else 0
         self.input_hw = input_hw
         if input_hw is not None:
-            self.register_buffer('shift_map', self._shift_map(input_hw), persistent=False)
+            self.register_buffer('correction', self._correction(input_hw), persistent=False)
         else:
-            self.shift_map = None
+            self.correction = None
 
-    def _shift_map(self, hw: Tuple[int, int]) -> torch.Tensor:
-        ones = self.shift.view(1, -1, 1, 1).expand(1, -1, hw[0], hw[1])
+    def _correction(self, hw: Tuple[int, int]) -> torch.Tensor:
+        """conv(pad(shift * 1)) minus its interior value, (1, out, H', W'): zero except on the border ring."""
+        ones = self.shift.double().view(1, -1, 1, 1).expand(1, -1, hw[0], hw[1])
         conv = self.conv
-        return F.conv2d(ones.double(), self.orig_weight.double(), None, conv.stride, conv.padding, conv.dilation,
-                        conv.groups).to(self.shift.dtype)
+        full = F.conv2d(ones, self.orig_weight.double(), None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return (full - self.conv.bias.double().view(1, -1, 1, 1)).to(self.shift.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
-        if self.shift_map is not None and tuple(x.shape[-2:]) == self.input_hw:
-            shift_map = self.shift_map
+        if self.correction is not None and (x.shape[-2], x.shape[-1]) == self.input_hw:
+            corr = self.correction
         else:
-            shift_map = self._shift_map((x.shape[-2], x.shape[-1])).to(x.device)
-        return y + shift_map.to(y.dtype)
+            corr = self._correction((x.shape[-2], x.shape[-1])).to(x.device)
+        p = self.ring
+        if p == 0 or y.shape[-2] <= 2 * p or y.shape[-1] <= 2 * p:
+            return y + corr.to(y.dtype)
+        y[:, :, :p] += corr[:, :, :p].to(y.dtype)
+        y[:, :, -p:] += corr[:, :, -p:].to(y.dtype)
+        y[:, :, p:-p, :p] += corr[:, :, p:-p, :p].to(y.dtype)
+        y[:, :, p:-p, -p:] += corr[:, :, p:-p, -p:].to(y.dtype)
+        return y
 
 
 class FoldedBottleneckIR(nn.Module):
@@ -330,6 +348,8 @@ def prepare(model: nn.Module, path: FastPath, example: Optional[torch.Tensor] = 
         prepared = copy.deepcopy(model).eval()
         for p in prepared.parameters():
             p.requires_grad_(False)
+    if path.precision != 'fp32':
+        _cast_weights(prepared, _PRECISIONS[path.precision])
     if path.channels_last:
         prepared = prepared.to(memory_format=torch.channels_last)
     both = _BothHeads(prepared, path.channels_last).eval()
@@ -343,6 +363,17 @@ def prepare(model: nn.Module, path: FastPath, example: Optional[torch.Tensor] = 
     if path.compile:
         fast.compile_time_s = _compile_time(fast, both, example)
     return fast
+
+
+def _cast_weights(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store conv, linear and PReLU weights in `dtype` once, so autocast does not re-cast them on every call.
+
+    Norm layers keep fp32 parameters (autocast runs them in fp32); the outputs are what autocast would give.
+    """
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear, nn.PReLU)):
+            for name, p in list(m.named_parameters(recurse=False)):
+                setattr(m, name, nn.Parameter(p.detach().to(dtype), requires_grad=False))
 
 
 def _compile_time(fast: FastModel, eager: nn.Module, example: torch.Tensor) -> float:
@@ -415,10 +446,11 @@ class FastChoice:
     model: FastModel
     path: FastPath
     candidates: List[CandidateReport]
+    malloc_tuned: bool = False
 
     def summary(self) -> str:
         """One line per candidate: name, img/s, argmax agreement, max |logit diff|, accepted, the pick marked."""
-        lines = []
+        lines = [f'glibc malloc tuned (tune_glibc_malloc): {"yes" if self.malloc_tuned else "no"}']
         for c in self.candidates:
             mark = '*' if c.path == self.path else ' '
             if c.error:
@@ -486,6 +518,7 @@ def choose_fast_path(
         timing_runs: int = 3,
         min_agreement: float = ACCEPT_AGREEMENT,
         max_diff: float = ACCEPT_MAX_DIFF,
+        tune_malloc: bool = True,
 ) -> FastChoice:
     """The fastest path that keeps expression predictions within the acceptance rule of fp32 eager.
 
@@ -504,8 +537,11 @@ def choose_fast_path(
         timing_runs: timed runs per candidate.
         min_agreement: minimum expression argmax agreement with fp32 eager.
         max_diff: maximum |expression logit difference| with fp32 eager.
+        tune_malloc: apply `tune_glibc_malloc` first (on CPU it is worth up to 10x on this project's
+            2-core VM, see docs/performance.md; the process then keeps its peak memory). Exactness is unaffected.
     """
     device = next(model.parameters()).device
+    malloc_tuned = tune_glibc_malloc() if tune_malloc and device.type == 'cpu' else False
     paths = list(candidates) if candidates is not None else candidate_paths(device, precision, allow_compile)
     if FastPath() not in paths:
         paths.insert(0, FastPath())
@@ -525,7 +561,7 @@ def choose_fast_path(
         if accepted and (best is None or speed > best[0]):
             best = (speed, fast)
     assert best is not None, 'fp32 eager failed to run: ' + reports[0].error
-    return FastChoice(best[1], best[1].path, reports)
+    return FastChoice(best[1], best[1].path, reports, malloc_tuned or _glibc_tuned)
 
 
 # ---------------------------------------------------------------------------------------------------------------
