@@ -173,10 +173,31 @@ class BnConv(nn.Module):
 
     def _correction(self, hw: Tuple[int, int]) -> torch.Tensor:
         """conv(pad(shift * 1)) minus its interior value, (1, out, H', W'): zero except on the border ring."""
+        conv, p = self.conv, self.ring
+        k = conv.kernel_size
+        small = (k[0] + 2 * p, k[1] + 2 * p)  # an input whose output, (4p+1)^2, has every distinct row and column
+        if p and hw[0] >= small[0] and hw[1] >= small[1]:
+            # With stride 1 an output row's value depends only on its distance to the nearer edge (rows within
+            # p of an edge differ, the rest equal the centre), so index the small map out to the full size.
+            full = self._shift_conv(small)
+            out_h, out_w = hw[0] + 2 * p - k[0] + 1, hw[1] + 2 * p - k[1] + 1
+            full = full[:, :, self._ring_index(out_h, p, full.device)][:, :, :, self._ring_index(out_w, p, full.device)]
+        else:
+            full = self._shift_conv(hw)
+        return (full - conv.bias.double().view(1, -1, 1, 1)).to(self.shift.dtype)
+
+    def _shift_conv(self, hw: Tuple[int, int]) -> torch.Tensor:
         ones = self.shift.double().view(1, -1, 1, 1).expand(1, -1, hw[0], hw[1])
         conv = self.conv
-        full = F.conv2d(ones, self.orig_weight.double(), None, conv.stride, conv.padding, conv.dilation, conv.groups)
-        return (full - self.conv.bias.double().view(1, -1, 1, 1)).to(self.shift.dtype)
+        return F.conv2d(ones, self.orig_weight.double(), None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    @staticmethod
+    def _ring_index(size: int, p: int, device: torch.device) -> torch.Tensor:
+        """Rows (or columns) of the (4p+1)-sized small output to take for an output of `size`."""
+        index = torch.full((size,), 2 * p, dtype=torch.long, device=device)
+        index[:p] = torch.arange(p, device=device)
+        index[size - p:] = torch.arange(3 * p + 1, 4 * p + 1, device=device)
+        return index
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)

@@ -208,3 +208,23 @@ def test_tune_glibc_malloc_stops_refaulting():
     pages = 5 * (64 << 20) // 4096
     assert faults['plain'] > pages // 2, faults  # glibc maps and unmaps each buffer: every page faults again
     assert faults['tuned'] < pages // 3, faults  # kept in the heap and reused (at most one buffer faults in)
+
+
+def test_bf16_autocast_training_step_matches_fp32():
+    if not fast.bf16_supported(torch.device('cpu')):
+        pytest.skip('no native bf16 on this CPU')
+    torch.manual_seed(0)
+    model = timm.create_model('aucvt_raf_tiny').train()
+    x, target = torch.randn(4, 3, 112, 112), torch.tensor([0, 1, 2, 3])
+    grads = {}
+    for precision in ('fp32', 'bf16'):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=precision == 'bf16'):
+            expr, aus = model.forward_with_aus(x)
+            loss = nn.functional.cross_entropy(expr.float(), target) + aus.float().sigmoid().mean()
+        loss.backward()
+        grads[precision] = (loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    (loss32, g32), (loss16, g16) = grads['fp32'], grads['bf16']
+    assert loss16 == pytest.approx(loss32, rel=0.02)
+    cosine = nn.functional.cosine_similarity(g32, g16, dim=0).item()
+    assert 0.98 < cosine < 1.0  # bf16 moved the gradient a little, not its direction
