@@ -95,7 +95,7 @@ def export_onnx(model: nn.Module, path: str, opset: Optional[int] = None) -> str
     with torch.no_grad():
         program = torch.onnx.export(
             heads, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=list(heads.output_names),
-            dynamic_shapes=({0: batch},), opset_version=opset, external_data=False, report=False)
+            dynamic_shapes=({0: batch},), opset_version=opset, external_data=False, report=False, verbose=False)
     program.save(path)
     proto = onnx.load(path)
     for key, value in _metadata(model).items():

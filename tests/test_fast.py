@@ -6,7 +6,7 @@ import timm
 import torch
 import torch.nn as nn
 
-import aucvt_zoo
+import aucvt_zoo  # noqa: F401  (registers the zoo models with timm)
 from aucvt_zoo import benchmark, fast
 from aucvt_zoo.fast import FastPath
 
