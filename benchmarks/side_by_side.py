@@ -36,6 +36,8 @@ ROWS = [
 
 def _phase(args, paths, out_json):
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.phase == 'tuned' and device.type == 'cpu' and not fast.tune_glibc_malloc():
         print('tune_glibc_malloc not applicable here; the tuned phase runs with the default allocator')
     peaks = {p.precision: benchmark.matmul_peak_gflops(fast._PRECISIONS[p.precision], device) for p in paths}
@@ -71,6 +73,7 @@ def main(argv=None):
     p.add_argument('--min-run-s', type=float, default=0.5)
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--models', nargs='+', default=None, help='a subset of the rows, by model name')
+    p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch decides)')
     p.add_argument('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results'))
     p.add_argument('--phase', choices=['default', 'tuned'], default=None, help=argparse.SUPPRESS)
     p.add_argument('--phase-out', default=None, help=argparse.SUPPRESS)
