@@ -188,7 +188,8 @@ import resource, sys, torch
 from aucvt_zoo import fast
 if sys.argv[1] == "tuned":
     assert fast.tune_glibc_malloc()
-torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
+for _ in range(3):  # warm up: the tuned heap grows to hold one buffer, then is reused
+    torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(5):
     torch.empty(64 << 20, dtype=torch.uint8).fill_(1)   # 64 MiB: above any glibc mmap threshold
@@ -205,9 +206,10 @@ def test_tune_glibc_malloc_stops_refaulting():
     faults = {mode: int(subprocess.run([sys.executable, '-c', _FAULTS_SCRIPT, mode], env=env, check=True,
                                        capture_output=True, text=True).stdout.split()[-1])
               for mode in ('plain', 'tuned')}
-    pages = 5 * (64 << 20) // 4096
-    assert faults['plain'] > pages // 2, faults  # glibc maps and unmaps each buffer: every page faults again
-    assert faults['tuned'] < pages // 3, faults  # kept in the heap and reused (at most one buffer faults in)
+    # glibc maps and unmaps each buffer: it faults in again every time, at least once per (huge) page, i.e.
+    # >= 32 faults per 64 MiB even with transparent huge pages; a tuned heap keeps the buffer and reuses it.
+    assert faults['plain'] >= 5 * 32, faults
+    assert faults['tuned'] <= max(64, faults['plain'] // 10), faults
 
 
 def test_bf16_autocast_training_step_matches_fp32():
