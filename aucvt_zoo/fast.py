@@ -222,7 +222,9 @@ class FoldedBottleneckIR(nn.Module):
         super().__init__()
         bn0, conv1, prelu, conv2, bn2 = unit.residual
         self.residual = nn.Sequential(BnConv(bn0, conv1, input_hw), copy.deepcopy(prelu), _conv_then_bn(conv2, bn2))
-        if isinstance(unit.shortcut, nn.MaxPool2d):
+        if isinstance(unit.shortcut, nn.Identity):
+            self.shortcut = nn.Identity()
+        elif isinstance(unit.shortcut, nn.MaxPool2d):
             stride = unit.shortcut.stride
             self.shortcut = StridedIdentity(stride[0] if isinstance(stride, tuple) else stride)
         else:

@@ -32,7 +32,10 @@ class BottleneckIR(nn.Module):
 
     def __init__(self, in_chs: int, out_chs: int, stride: int):
         super().__init__()
-        if in_chs == out_chs:
+        if in_chs == out_chs and stride == 1:
+            # face.evoLVe's MaxPool2d(1, 1) is the identity; nn.Identity spares a copy of the map in every unit
+            self.shortcut = nn.Identity()
+        elif in_chs == out_chs:
             # a 1x1 max pool with stride s is a strided identity: it keeps every s-th pixel
             self.shortcut = nn.MaxPool2d(kernel_size=1, stride=stride)
         else:
