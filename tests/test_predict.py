@@ -74,7 +74,7 @@ def _by_name(rows):
 def test_cli_folder_gives_every_file_a_row_or_error(folder, checkpoint, tmp_path):
     out = tmp_path / 'out.csv'
     crops = tmp_path / 'crops'
-    rc = main([str(folder), '--model', MODEL, '--checkpoint', str(checkpoint), '--device', 'cpu', '--output',
+    rc = main([str(folder), '--model', MODEL, '--checkpoint', str(checkpoint), '--device', 'cpu', '--precision', 'fp32', '--output',
                str(out), '--quiet', '--save-crops', str(crops), '--annotate', str(tmp_path / 'ann')])
     assert rc == 0
     rows = _read_csv(out)
@@ -101,7 +101,7 @@ def test_cli_folder_gives_every_file_a_row_or_error(folder, checkpoint, tmp_path
 
 @needs_mtcnn
 def test_detection_path_matches_landmarks_and_aligned_paths(model, folder):
-    p = Predictor(model, device='cpu', batch_size=3)
+    p = Predictor(model, device='cpu', precision='fp32', batch_size=3)
     path = str(folder / 'face.png')
     (detected,) = p.predict(path)
     # the same face aligned from the landmarks the detector found: same numbers without detection
@@ -128,8 +128,8 @@ def test_aligned_inputs_need_no_detector_and_batching_does_not_change_results(mo
     inputs = faces + paths
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        one = Predictor(model, device='cpu', batch_size=1, detector=None, detect_batch=1).predict(inputs, aligned=True)
-        many = Predictor(model, device='cpu', batch_size=32, detector=None).predict(inputs, aligned=True)
+        one = Predictor(model, device='cpu', precision='fp32', batch_size=1, detector=None, detect_batch=1).predict(inputs, aligned=True)
+        many = Predictor(model, device='cpu', precision='fp32', batch_size=32, detector=None).predict(inputs, aligned=True)
     errors = [r.error for r in one]
     assert errors[:3] == ['', '', ''] and errors[3].startswith('cannot read image') and errors[4:] == ['', '']
     for a, b in zip(one, many):
@@ -139,22 +139,22 @@ def test_aligned_inputs_need_no_detector_and_batching_does_not_change_results(mo
         for k in a.aus:
             assert a.aus[k] == pytest.approx(b.aus[k], abs=1e-5)
     with pytest.raises(ValueError, match='no face detector'):
-        Predictor(model, device='cpu', detector=None).predict(inputs[:1])
+        Predictor(model, device='cpu', precision='fp32', detector=None).predict(inputs[:1])
     # a folder expands recursively, as on the command line
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        rows = Predictor(model, device='cpu', detector=None).predict(str(folder), aligned=True)
+        rows = Predictor(model, device='cpu', precision='fp32', detector=None).predict(str(folder), aligned=True)
     assert len(rows) == 8 and sum(r.error.startswith('cannot read image') for r in rows) == 2
 
 
 def test_alignment_self_check_warns_once_for_unaligned_crops(model):
     aligned = np.array(draw_face(ARCFACE_TEMPLATE, size=(112, 112)))
     shifted = np.array(draw_face(ARCFACE_TEMPLATE * 0.8 + [30, 5], size=(112, 112)))
-    p = Predictor(model, device='cpu', detector=None, batch_size=2, detect_batch=2)
+    p = Predictor(model, device='cpu', precision='fp32', detector=None, batch_size=2, detect_batch=2)
     with warnings.catch_warnings():
         warnings.simplefilter('error')
         p.predict([aligned] * 3, aligned=True)
-    p = Predictor(model, device='cpu', detector=None, batch_size=2, detect_batch=2)
+    p = Predictor(model, device='cpu', precision='fp32', detector=None, batch_size=2, detect_batch=2)
     with pytest.warns(UserWarning, match='do not look like template-aligned') as record:
         p.predict([shifted] * 6, aligned=True)
     assert len(record) == 1
@@ -169,7 +169,7 @@ def test_landmarks_csv_openface_headers_and_errors(model, folder, tmp_path):
         w.writerow(['face.png', ''] + list(FACE_LM[:, 0]) + list(FACE_LM[:, 1]))
     table = read_landmarks_csv(path)
     np.testing.assert_allclose(table[('face.png', None)][0], FACE_LM)
-    rows = list(Predictor(model, device='cpu', detector=None).iter_paths([(str(folder / 'face.png'), '')],
+    rows = list(Predictor(model, device='cpu', precision='fp32', detector=None).iter_paths([(str(folder / 'face.png'), '')],
                                                                           landmarks=table))
     assert len(rows) == 1 and rows[0].error == '' and np.isnan(rows[0].score)
     with open(path, 'a', newline='') as f:
@@ -180,7 +180,7 @@ def test_landmarks_csv_openface_headers_and_errors(model, folder, tmp_path):
 
 def test_jsonl_and_parquet_hold_the_same_rows_as_csv(model, checkpoint, folder, tmp_path):
     args = [str(folder / 'noface.png'), str(folder / 'gray.png'), '--aligned', '--model', MODEL, '--checkpoint',
-            str(checkpoint), '--device', 'cpu', '--quiet']
+            str(checkpoint), '--device', 'cpu', '--precision', 'fp32', '--quiet']
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         main(args + ['--output', str(tmp_path / 'o.csv')])
@@ -227,7 +227,7 @@ def test_video_rows_equal_per_image_rows(model, tmp_path):
             container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format='rgb24')))
         container.mux(stream.encode())
     landmarks = {i: (ARCFACE_TEMPLATE * 1.5 + [50 + 4 * i, 40])[None] for i in range(5)}
-    p = Predictor(model, device='cpu', detector=None, batch_size=2, detect_batch=2)
+    p = Predictor(model, device='cpu', precision='fp32', detector=None, batch_size=2, detect_batch=2)
     p.annotate = tmp_path / 'annotated'
     video_rows = list(p.predict_video(path, every=2, landmarks=landmarks))
     assert [(r.frame, r.face) for r in video_rows] == [(0, 0), (2, 0), (4, 0)]
@@ -246,7 +246,7 @@ def test_video_rows_equal_per_image_rows(model, tmp_path):
     if importlib.util.find_spec('mtcnn') is not None:  # and with detection, through the CLI
         out = tmp_path / 'v.csv'
         save_file(model.state_dict(), str(tmp_path / 'w.safetensors'))
-        main([str(path), '--model', MODEL, '--checkpoint', str(tmp_path / 'w.safetensors'), '--device', 'cpu',
+        main([str(path), '--model', MODEL, '--checkpoint', str(tmp_path / 'w.safetensors'), '--device', 'cpu', '--precision', 'fp32',
               '--output', str(out), '--quiet', '--every', '1'])
         rows = _read_csv(out)
         assert [r['frame'] for r in rows] == ['0', '1', '2', '3', '4'] and all(r['error'] == '' for r in rows)
@@ -256,27 +256,27 @@ def test_unreadable_video_is_a_row(model, tmp_path):
     pytest.importorskip('av', reason='video needs PyAV (aucvt_zoo[video])')
     bad = tmp_path / 'broken.mp4'
     bad.write_bytes(b'\x00\x00\x00\x18ftypmp42 not really a video')
-    (row,) = Predictor(model, device='cpu', detector=None).predict_video(bad)
+    (row,) = Predictor(model, device='cpu', precision='fp32', detector=None).predict_video(bad)
     assert row.face == -1 and row.error.startswith('cannot read video')
 
 
 def test_cli_without_detector_extra_fails_before_the_first_file(checkpoint, folder, monkeypatch, capsys):
     from aucvt_zoo import detect
     monkeypatch.setattr(detect.importlib.util, 'find_spec', lambda name: None)
-    rc = main([str(folder), '--model', MODEL, '--checkpoint', str(checkpoint), '--device', 'cpu', '--quiet'])
+    rc = main([str(folder), '--model', MODEL, '--checkpoint', str(checkpoint), '--device', 'cpu', '--precision', 'fp32', '--quiet'])
     assert rc == 2
     captured = capsys.readouterr()
     assert 'aucvt_zoo[detect]' in captured.err and captured.out == ''
 
 
 def test_model_without_au_head_has_no_au_columns():
-    p = Predictor(timm.create_model('ir50_tiny'), device='cpu', detector=None)
+    p = Predictor(timm.create_model('ir50_tiny'), device='cpu', precision='fp32', detector=None)
     assert p.columns[-8:] == ['expression'] + list(EXPRESSIONS) + ['error']
     with pytest.warns(UserWarning, match='do not look like'):  # noise is not a face
         (r,) = p.predict(torch.rand(1, 3, 112, 112))
     assert r.aus == {} and sum(r.expressions.values()) == pytest.approx(1, abs=1e-5)
     with pytest.raises(ValueError, match='no classifier'):
-        Predictor(timm.create_model('ir50_tiny', num_classes=0), device='cpu')
+        Predictor(timm.create_model('ir50_tiny', num_classes=0), device='cpu', precision='fp32')
 
 
 def test_cli_reports_an_unusable_model_without_traceback(tmp_path, capsys):
@@ -284,3 +284,19 @@ def test_cli_reports_an_unusable_model_without_traceback(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert 'missing.safetensors does not exist' in err and 'Traceback' not in err
+
+
+def test_auto_precision_picks_a_checked_path_and_reports_it(tmp_path, capsys):
+    """By default the fastest path within the fp32 acceptance rule runs, and the CLI says which it was."""
+    torch.manual_seed(0)
+    model = timm.create_model('aucvt_openface_tiny', pretrained=True).eval()  # the shipped weights: real logits
+    crops = torch.rand(24, 3, 112, 112)
+    exact = Predictor(model, device='cpu', precision='fp32', detector=None).predict(crops)
+    fast = Predictor(model, device='cpu', detector=None)
+    rows = fast.predict(crops)
+    assert fast.fast_path and 'fp32 eager' in fast.fast_summary  # the reference is among the candidates
+    top = lambda r: max(r.expressions, key=r.expressions.get)  # noqa: E731
+    agree = np.mean([top(a) == top(b) for a, b in zip(exact, rows)])
+    assert agree >= 0.95
+    with pytest.raises(ValueError, match='precision'):
+        Predictor(model, device='cpu', precision='fp64')
