@@ -106,7 +106,10 @@ def _builtin_faces(split: str, transform: Callable, au_names: Sequence[str]) -> 
 
 
 def register_data(name: str, fn: Callable[[str, Callable, Sequence[str]], Dataset], note: str = '') -> None:
-    """Make `--data NAME` (and `--val-data NAME`) open `fn(split, transform, au_names)`; `note` is said before training."""
+    """Make `--data NAME` (and `--val-data NAME`) open `fn(split, transform, au_names)`.
+
+    `note` is printed before training on that source (what the data is, so no one mistakes it).
+    """
     DATA_SOURCES[name] = fn
     if note:
         DATA_NOTES[name] = note

@@ -105,7 +105,7 @@ class _ImageDataset(Dataset):
         return self.transform(image) if self.transform is not None else TF.to_tensor(image)
 
     def _target(self, index: int):
-        raise NotImplementedError
+        raise NotImplementedError(f'{type(self).__name__} must define _target(index) -> (expression, aus).')
 
     def __getitem__(self, index: int):
         n = len(self)

@@ -82,7 +82,8 @@ class IResNet(nn.Module):
     ):
         super().__init__()
         if len(layers) != len(channels) or not layers:
-            raise ValueError(f'layers {tuple(layers)} and channels {tuple(channels)} must be non-empty and equal length.')
+            raise ValueError(
+                f'layers {tuple(layers)} and channels {tuple(channels)} must be non-empty and of equal length.')
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
