@@ -11,6 +11,7 @@ A detector is anything with `detect(image) -> List[Face]` (and optionally a fast
 with `register_detector`. `faces_from_landmarks` turns landmarks from OpenFace, RetinaFace, dlib or MediaPipe
 pipelines into `Face`s, so detection is optional.
 """
+import abc
 import importlib.util
 import math
 import os
@@ -50,13 +51,13 @@ class Face:
     landmarks: np.ndarray
 
 
-class FaceDetector:
+class FaceDetector(abc.ABC):
     """Interface of a face detector: RGB uint8 (H, W, 3) images in, a list of `Face`s per image out."""
     name: str = 'detector'
 
+    @abc.abstractmethod
     def detect(self, image: np.ndarray) -> List[Face]:
         """Faces in one RGB uint8 (H, W, 3) image, most confident first."""
-        raise NotImplementedError(f'{type(self).__name__} must implement detect(image) -> List[Face].')
 
     def detect_batch(self, images: Sequence[np.ndarray]) -> List[List[Face]]:
         """Faces in each of several images; detectors that batch (e.g. video frames of one size) override this."""

@@ -12,6 +12,7 @@ With DataLoader workers each worker process keeps its own `skipped` count; the w
 Label formats are documented in docs/data.md. Sources: the ABAW4 LSD release (folders per expression, the misspelt
 `ANGRER`), RAF-AU (Yan et al. 2020, `RAFAU_label.txt`), OpenFace 2.x output via `aucvt_zoo.data.openface`.
 """
+import abc
 import csv
 import logging
 import os
@@ -81,7 +82,7 @@ def load_rgb(path: str) -> Image.Image:
         raise ImageReadError(f'{path}: cannot read image ({type(e).__name__}: {e}).') from e
 
 
-class _ImageDataset(Dataset):
+class _ImageDataset(Dataset, abc.ABC):
     """Shared image loading, transform and `on_error` policy. Subclasses fill `samples` and implement `_target`."""
 
     def __init__(self, transform: Optional[Callable], on_error: str):
@@ -104,8 +105,9 @@ class _ImageDataset(Dataset):
         image = load_rgb(self.samples[index][0])
         return self.transform(image) if self.transform is not None else TF.to_tensor(image)
 
+    @abc.abstractmethod
     def _target(self, index: int):
-        raise NotImplementedError(f'{type(self).__name__} must define _target(index) -> (expression, aus).')
+        """(expression index or -1, AU tensor) of sample `index`."""
 
     def __getitem__(self, index: int):
         n = len(self)
