@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
+from .convert import load_checkpoint as read_checkpoint, unwrap_state_dict
 from .train import BothHeads, Processes, create_model, data_config, eval_transform, evaluate, model_au_names, \
     open_dataset
 
@@ -30,13 +31,8 @@ def load_checkpoint(model: torch.nn.Module, checkpoint: str) -> None:
         raise FileNotFoundError(
             f'--checkpoint {checkpoint}: no such file. Pass a folder with model.safetensors (final/ or best/ of a '
             f'training run), a .safetensors/.pth file, or a checkpoint.pt.')
-    if path.suffix == '.safetensors':
-        from safetensors.torch import load_file
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-        # the trainer's resumable checkpoint keeps the weights under 'model'
-        state = state.get('model', state)
+    # the trainer's resumable checkpoint keeps the weights under 'model'; DataParallel prefixes are dropped
+    state = unwrap_state_dict(read_checkpoint(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(

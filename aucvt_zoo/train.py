@@ -43,6 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import transforms as T
 
+from .convert import load_checkpoint, unwrap_state_dict
 from .data.readers import LabelCsv, LsdFolder, RafAu
 from .hub import PretrainedWeightsError
 from .labels import EXPRESSIONS
@@ -374,15 +375,6 @@ def data_config(model: nn.Module, img_size: Optional[int] = None) -> Dict[str, A
     return cfg
 
 
-def _load_state_file(path: str) -> Dict[str, torch.Tensor]:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f'Checkpoint {path!r} does not exist.')
-    if str(path).endswith('.safetensors'):
-        from safetensors.torch import load_file
-        return load_file(path)
-    return torch.load(path, map_location='cpu', weights_only=True)
-
-
 def create_model(
         name: str,
         pretrained: bool = False,
@@ -413,7 +405,7 @@ def create_model(
                     f'{err} For training, --ir50-checkpoint PATH takes a local face.evoLVe IR-50 file instead, and '
                     f'--ir50-checkpoint none starts the trunk from scratch.') from err
         else:
-            state = _load_state_file(ir50_checkpoint)
+            state = unwrap_state_dict(load_checkpoint(ir50_checkpoint))
         model.load_trunk_state_dict(state)
     return model
 
