@@ -209,15 +209,24 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, 'RepoNotFound', f'Repository not found: {repo_id}')
         return repo
 
-    def _resolve(self, repo_id: str, revision: str, filename: str) -> None:
+    def _commit(self, repo_id: str, revision: str) -> Optional[Tuple[str, Dict[str, bytes]]]:
+        """(commit, files) of a repo at a revision, or None after answering 404 for an unknown repo or revision."""
         with self.hub._lock:
             repo = self._repo(repo_id)
             if repo is None:
-                return
+                return None
             commit = repo.resolve(revision)
             if commit is None:
-                return self._error(404, 'RevisionNotFound', f'Invalid rev id: {revision}')
-            data = repo.commits[commit].get(filename)
+                self._error(404, 'RevisionNotFound', f'Invalid rev id: {revision}')
+                return None
+            return commit, dict(repo.commits[commit])
+
+    def _resolve(self, repo_id: str, revision: str, filename: str) -> None:
+        found = self._commit(repo_id, revision)
+        if found is None:
+            return
+        commit, files = found
+        data = files.get(filename)
         if data is None:
             return self._error(404, 'EntryNotFound', f'{filename} does not exist on "{revision}"',
                                {'X-Repo-Commit': commit})
@@ -246,14 +255,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, data, {'ETag': f'"{sha256}"'})
 
     def _model_info(self, repo_id: str, revision: str) -> None:
-        with self.hub._lock:
-            repo = self._repo(repo_id)
-            if repo is None:
-                return
-            commit = repo.resolve(revision)
-            if commit is None:
-                return self._error(404, 'RevisionNotFound', f'Invalid rev id: {revision}')
-            files = repo.commits[commit]
+        found = self._commit(repo_id, revision)
+        if found is None:
+            return
+        commit, files = found
         siblings = [{'rfilename': name, 'size': len(data)} for name, data in sorted(files.items())]
         self._json(200, {
             'id': repo_id, 'modelId': repo_id, 'sha': commit, 'private': False, 'disabled': False,
