@@ -30,7 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -155,7 +155,10 @@ def _current_allocator() -> str:
 # One configuration
 
 
-def _create(name: str, img_size: Optional[int], device: torch.device) -> nn.Module:
+def _create(name: str, img_size: Optional[int], device: torch.device,
+            factory: Optional[Callable[[], nn.Module]] = None) -> nn.Module:
+    if factory is not None:
+        return factory().to(device).eval()
     kwargs: Dict[str, Any] = {}
     # ViT-like models are built for one input size; CNNs (and IR-50) take any size. CVT models are fixed at 112.
     if img_size is not None and name.startswith(('vit_', 'deit', 'eva', 'beit')):
@@ -201,19 +204,25 @@ def benchmark_model(
         runs: int = 5,
         min_run_s: float = 1.0,
         peaks: Optional[Dict[str, float]] = None,
+        factory: Optional[Callable[[], nn.Module]] = None,
 ) -> BenchmarkResult:
-    """Benchmark one model/path/batch size; `peaks` maps precision -> matmul GFLOP/s (measured when missing)."""
+    """Benchmark one model/path/batch size; `peaks` maps precision -> matmul GFLOP/s (measured when missing).
+
+    `factory` builds a model that is not in timm's registry (it is then reported as `name`), e.g. the authors'
+    reference model in benchmarks/reference_aucvt.py.
+    """
     dev = torch.device(device)
     torch.manual_seed(0)
-    model = _create(name, img_size, dev)
+    model = _create(name, img_size, dev, factory)
     size = _input_size(model, img_size)
     in_chans = int(getattr(model, 'pretrained_cfg', {}).get('input_size', (3,))[0])
     x = torch.randn(batch_size, in_chans, size, size, device=dev)
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
-    flops_model = _create(name, img_size, dev) if mode == 'train' else model
+    flops_model = _create(name, img_size, dev, factory) if mode == 'train' else model
     if mode == 'train':
         flops_model.train()
-    flops = count_flops(flops_model, x[:1], train=mode == 'train')
+    # per image, counted on two (a model that cannot run one image, like the reference, is still counted)
+    flops = count_flops(flops_model, x[:2].expand(2, -1, -1, -1), train=mode == 'train') / 2
     del flops_model
     peaks = peaks if peaks is not None else {}
     if path.precision not in peaks:

@@ -294,6 +294,59 @@ def test_authors_full_size_key_list_maps_onto_released_models(regions):
     assert any(k == 'vit.output_layer.2.weight' for k in report['dropped'])
 
 
+def _reference_module():
+    """benchmarks/reference_aucvt.py, the baseline of the speed comparison, imported by path."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('reference_aucvt', ROOT / 'benchmarks' / 'reference_aucvt.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize('regions', [7, 2])
+def test_benchmark_reference_model_has_every_listed_key_and_shape(regions):
+    """The speed baseline builds exactly the authors' modules (51M unused parameters included), no more, no less."""
+    rows = (DATA / f'authors_state_dict_{regions}regions.tsv').read_text().splitlines()
+    listed = {k: eval(s) for k, s in (r.split('\t') for r in rows)}  # noqa: S307 (tuples from our own data file)
+    with torch.device('meta'):
+        ref = _reference_module().ReferenceAuCvt(regions=regions)
+    assert {k: tuple(v.shape) for k, v in ref.state_dict().items()} == listed
+    assert ref.vit.output_layer[2].weight.numel() == 512 * 100352
+
+
+@pytest.mark.parametrize('regions,architecture', [
+    (7, 'aucvt_raf_released'), (2, 'aucvt_openface_released'), (0, 'cvt_ir50_released')])
+def test_benchmark_reference_model_matches_layout_forward_and_converted_model(regions, architecture):
+    """Same weights, three implementations: the module, the functional layout forward, our converted model."""
+    checkpoint = authors_state_dict(regions)
+    sd = _strip(checkpoint)
+    ref = _reference_module().ReferenceAuCvt(regions=regions, dim=64, depths=(2, 1), layers=(1, 1, 2),
+                                             channels=(16, 32, 64), pos_blocks=1, squeeze_pooled=False).eval()
+    ref.load_state_dict(sd)  # strict: every key of the generated checkpoint, nothing else
+    model = convert.build_converted(*convert.convert_authors(convert.unwrap_state_dict(checkpoint)))
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 112, 112, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            expr, aus = ref.forward_with_aus(x)
+            layout_expr, layout_aus = reference_forward(sd, x, regions=regions)
+            ours_expr, ours_aus = model.forward_with_aus(x)
+        torch.testing.assert_close(expr, layout_expr, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(aus, layout_aus, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours_expr, expr, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours_aus, aus, rtol=1e-4, atol=1e-5)
+
+
+def test_benchmark_reference_model_fails_at_batch_1_as_reported_unless_told_not_to():
+    ref = _reference_module().ReferenceAuCvt(regions=7, dim=64, depths=(1, 1), layers=(1, 1, 1),
+                                             channels=(16, 32, 64), pos_blocks=1).eval()
+    with torch.no_grad():
+        assert ref.forward_with_aus(torch.randn(2, 3, 112, 112))[1].shape == (2, 21)
+        with pytest.raises((RuntimeError, IndexError)):
+            ref.forward_with_aus(torch.randn(1, 3, 112, 112))
+        ref.squeeze_pooled = False
+        assert ref.forward_with_aus(torch.randn(1, 3, 112, 112))[1].shape == (1, 21)
+
+
 def test_authors_wrong_au_heads_are_refused_with_shapes():
     checkpoint = authors_state_dict(7)
     sd = convert.unwrap_state_dict(checkpoint)
