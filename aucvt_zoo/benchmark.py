@@ -9,7 +9,7 @@ expression argmax agreement and max |logit diff| against fp32 eager on the bench
 
 Examples::
 
-    python -m aucvt_zoo.benchmark --model aucvt_openface --batch-size 1 32 --path fp32 bf16+channels_last+fold
+    python -m aucvt_zoo.benchmark --model aucvt_openface --batch-size 1 32 --path fp32 bf16+channels_last+fold+pack
     python -m aucvt_zoo.benchmark --model aucvt_raf resnet50 --img-size 112 --mode train --path bf16+channels_last
     python -m aucvt_zoo.benchmark --model aucvt_openface --device cuda --path fp32 fp16+channels_last+compile
     python -m aucvt_zoo.benchmark --model aucvt_openface --allocator jemalloc --json out.json --csv out.csv
@@ -263,8 +263,8 @@ def benchmark_model(
 
 def _train_step(model: nn.Module, path: FastPath, x: torch.Tensor):
     """One SGD step (cross-entropy on the expression logits) under the path's precision and memory format."""
-    if path.fold:
-        raise ValueError('fold is an inference-only transform (BatchNorm statistics change while training).')
+    if path.fold or path.pack:
+        raise ValueError('fold and pack are inference-only transforms (weights and BatchNorm change while training).')
     dev = x.device
     model.train()
     if path.channels_last:
@@ -381,8 +381,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='python -m aucvt_zoo.benchmark', description=__doc__.split('\n\n')[0])
     p.add_argument('--model', nargs='+', default=['aucvt_openface'], help='zoo or timm model names')
     p.add_argument('--batch-size', nargs='+', type=int, default=[1, 32])
-    p.add_argument('--path', nargs='+', default=['fp32', 'bf16+channels_last+fold'],
-                   help="paths as <fp32|bf16|fp16>[+channels_last][+fold][+compile]; 'fp32' is eager fp32")
+    p.add_argument('--path', nargs='+', default=['fp32', 'bf16+channels_last+fold+pack'],
+                   help="paths as <fp32|bf16|fp16>[+channels_last][+fold][+pack|+compile]; 'fp32' is eager fp32")
     p.add_argument('--mode', nargs='+', default=['inference'], choices=['inference', 'train'])
     p.add_argument('--img-size', type=int, default=None,
                    help="input size (default: the model's pretrained_cfg; e.g. 112 for resnet50 at face size)")
@@ -426,7 +426,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[BenchmarkResult]:
         for mode in args.mode:
             for batch_size in args.batch_size:
                 for path in paths:
-                    if mode == 'train' and path.fold:
+                    if mode == 'train' and (path.fold or path.pack):
                         continue
                     try:
                         r = benchmark_model(

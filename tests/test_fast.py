@@ -70,7 +70,8 @@ def test_fold_ir50_any_input_size():
 
 
 @pytest.mark.parametrize('name', [
-    'fp32', 'fp32+channels_last+fold', 'bf16', 'bf16+channels_last+fold',
+    'fp32', 'fp32+channels_last+fold', 'fp32+channels_last+fold+pack', 'bf16', 'bf16+channels_last+fold',
+    'bf16+channels_last+fold+pack',
 ])
 def test_paths_agree_with_fp32(tiny_aucvt, name):
     path = FastPath.from_name(name)
@@ -88,6 +89,41 @@ def test_paths_agree_with_fp32(tiny_aucvt, name):
         # bf16 keeps 8 mantissa bits: the error is ~1% of the logit scale, and not zero
         assert 0 < agreement.max_abs_diff < 0.05 * tiny_aucvt(x).abs().max().item()
     assert agreement.argmax_agreement == 1.0
+
+
+def test_pack_replaces_every_conv_and_linear_and_fuses(tiny_aucvt):
+    x = torch.randn(3, 3, 112, 112)
+    fm = fast.prepare(tiny_aucvt, FastPath('fp32', channels_last=True, fold=True, pack=True), example=x)
+    mods = list(fm.model.modules())
+    assert not any(type(m) in (nn.Conv2d, nn.Linear) for m in mods), 'every conv/linear that runs is packed'
+    units = [m for m in mods if isinstance(m, fast.FoldedBottleneckIR)]
+    assert units and all(isinstance(u.residual[2], fast.PackedConv2d) for u in units)  # residual add fused
+    ffns = [m for m in mods if isinstance(m, aucvt_zoo.models.cvt.ConvFfn)]
+    assert ffns and all(m.dwconv.unary == 'gelu' and isinstance(m.act, nn.Identity) for m in ffns)
+    assert not any(isinstance(m, nn.GELU) for m in mods)
+    # packed for batch 3, run at 1 and 5: a packed weight suits any batch size
+    for batch in (1, 5):
+        xb = torch.randn(batch, 3, 112, 112)
+        with torch.no_grad():
+            ref_expr, ref_aus = tiny_aucvt.forward_with_aus(xb)
+        expr, aus = fm.forward_with_aus(xb)
+        torch.testing.assert_close(expr, ref_expr, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(aus, ref_aus, atol=1e-4, rtol=1e-4)
+
+
+def test_pack_works_on_a_timm_model_and_refuses_what_it_cannot_do():
+    torch.manual_seed(0)
+    model = _with_bn_statistics(timm.create_model('resnet18', num_classes=3))
+    x = torch.randn(2, 3, 64, 64)
+    fm = fast.prepare(model, FastPath('fp32', channels_last=True, pack=True), example=x)
+    assert sum(isinstance(m, fast.PackedConv2d) for m in fm.model.modules()) == 20
+    with torch.no_grad():
+        torch.testing.assert_close(fm(x), model(x), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match='compile'):
+        FastPath('bf16', pack=True, compile=True)
+    with pytest.raises(ValueError, match='CPU'):
+        fast.prepare(nn.Linear(2, 2, device='meta'), FastPath('fp32', pack=True))
+    assert FastPath('bf16', True, True, pack=True) in fast.candidate_paths(torch.device('cpu'))
 
 
 def test_batch_size_one(tiny_aucvt):
