@@ -215,11 +215,15 @@ class BnConv(nn.Module):
         return index
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(x)
         if self.correction is not None and (x.shape[-2], x.shape[-1]) == self.input_hw:
             corr = self.correction
+            if x.shape[0] == 1 and isinstance(self.conv, PackedConv2d):
+                # one image: the whole correction map is added inside the conv (oneDNN's add does not broadcast
+                # over a batch efficiently, hence the ring slices below for larger batches)
+                return self.conv(x, add=corr)
         else:
             corr = self._correction((x.shape[-2], x.shape[-1])).to(x.device)
+        y = self.conv(x)
         p = self.ring
         if p == 0 or y.shape[-2] <= 2 * p or y.shape[-1] <= 2 * p:
             return y + corr.to(y.dtype)
@@ -346,16 +350,21 @@ class PackedConv2d(nn.Module):
             conv.weight.detach().contiguous(), list(self.padding), list(self.stride), list(self.dilation),
             self.groups, [int(d) for d in input_size])
         self.bias = None if conv.bias is None else conv.bias.detach().clone()
+        self._algorithm = 'none' if unary == 'gelu' else ''
+        self._args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
 
     def forward(self, x: torch.Tensor, add: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x.to(self.dtype)
-        args = (self.weight, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups)
+        if x.dtype != self.dtype:
+            x = x.to(self.dtype)
         if add is None:
-            return torch.ops.mkldnn._convolution_pointwise(x, *args, self.unary, [], 'none' if self.unary == 'gelu' else '')
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, self.weight, self.bias, *self._args, self.unary, [], self._algorithm)
         if self.unary != 'none':
             raise ValueError('PackedConv2d fuses either an activation or an add, not both.')
-        add = add.to(self.dtype).contiguous(memory_format=torch.channels_last)
-        return torch.ops.mkldnn._convolution_pointwise.binary(x, add, *args, 'add', None, None, [], None)
+        if add.dtype != self.dtype or not add.is_contiguous(memory_format=torch.channels_last):
+            add = add.to(self.dtype).contiguous(memory_format=torch.channels_last)
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, add, self.weight, self.bias, *self._args, 'add', None, None, [], None)
 
 
 class PackedLinear(nn.Module):
@@ -369,7 +378,9 @@ class PackedLinear(nn.Module):
         self.bias = None if linear.bias is None else linear.bias.detach().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, 'none', [], '')
+        if x.dtype != self.dtype:
+            x = x.to(self.dtype)
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, 'none', [], '')
 
 
 @torch.no_grad()
@@ -415,6 +426,10 @@ def pack_weights(model: nn.Module, example: torch.Tensor) -> nn.Module:
                 and type(m.act) is nn.GELU and m.act.approximate == 'none'):
             m.dwconv = PackedConv2d(m.dwconv, conv_size(m.dwconv), unary='gelu')
             m.act = nn.Identity()
+
+    for m in model.modules():  # the border corrections are added in the conv's dtype and layout
+        if isinstance(m, BnConv) and m.correction is not None:
+            m.correction = m.correction.to(m.conv.weight.dtype).contiguous(memory_format=torch.channels_last)
 
     def replace(parent: nn.Module) -> None:
         for name, child in parent.named_children():
