@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .models.cvt import ConvFfn
+from .models.cvt import Block, ConvFfn
 from .models.ir50 import BottleneckIR
 
 __all__ = [
@@ -377,18 +377,34 @@ class PackedLinear(nn.Module):
         self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().contiguous(), int(rows))
         self.bias = None if linear.bias is None else linear.bias.detach().clone()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, add: Optional[torch.Tensor] = None) -> torch.Tensor:
         if x.dtype != self.dtype:
             x = x.to(self.dtype)
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, 'none', [], '')
+        if add is None or add.dtype != self.dtype or not add.is_contiguous():
+            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, 'none', [], '')
+            return y if add is None else y + add
+        return torch.ops.mkldnn._linear_pointwise.binary(x, add, self.weight, self.bias, 'add')
+
+
+class PackedBlock(nn.Module):
+    """A CVT transformer `Block` whose two residual adds run inside its output linears (inference only)."""
+
+    def __init__(self, block: Block):
+        super().__init__()
+        self.norm1, self.attn, self.norm2, self.mlp = block.norm1, block.attn, block.norm2, block.mlp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.attn.proj(self.attn.attend(self.norm1(x)), add=x)
+        return self.mlp.fc2(self.mlp.hidden(self.norm2(x)), add=x)
 
 
 @torch.no_grad()
 def pack_weights(model: nn.Module, example: torch.Tensor) -> nn.Module:
     """Replace, in place, every Conv2d and Linear of an inference model by its oneDNN-packed form.
 
-    Fused on the way: the residual add of folded IR units (`fold_batchnorm`) into their second convolution, and
-    the GELU of the Conv-FFN into its depthwise convolution. Weights keep the dtype they have (cast them first for
+    Fused on the way: the residual add of folded IR units (`fold_batchnorm`) into their second convolution, the
+    GELU of the Conv-FFN into its depthwise convolution, and a transformer block's two residual adds into its
+    output linears. Weights keep the dtype they have (cast them first for
     bf16). Call it last: packed weights are opaque oneDNN tensors that `.to()`, `deepcopy` and `state_dict` do not
     handle.
 
@@ -441,6 +457,16 @@ def pack_weights(model: nn.Module, example: torch.Tensor) -> nn.Module:
                 replace(child)
 
     replace(model)
+
+    def fuse_blocks(parent: nn.Module) -> None:
+        for name, child in parent.named_children():
+            if (isinstance(child, Block) and isinstance(child.attn.proj, PackedLinear)
+                    and isinstance(child.mlp.fc2, PackedLinear)):
+                setattr(parent, name, PackedBlock(child))  # eval: drop-path and dropout are identities
+            else:
+                fuse_blocks(child)
+
+    fuse_blocks(model)
     return model
 
 

@@ -101,6 +101,8 @@ def test_pack_replaces_every_conv_and_linear_and_fuses(tiny_aucvt):
     ffns = [m for m in mods if isinstance(m, aucvt_zoo.models.cvt.ConvFfn)]
     assert ffns and all(m.dwconv.unary == 'gelu' and isinstance(m.act, nn.Identity) for m in ffns)
     assert not any(isinstance(m, nn.GELU) for m in mods)
+    blocks = [m for m in mods if isinstance(m, fast.PackedBlock)]  # residual adds inside proj and fc2
+    assert blocks and not any(isinstance(m, aucvt_zoo.models.cvt.Block) for m in mods)
     # packed for batch 3, run at 1 and 5: a packed weight suits any batch size
     for batch in (1, 5):
         xb = torch.randn(batch, 3, 112, 112)

@@ -47,13 +47,16 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs, concatenated, before the output projection: (B, H, W, C)."""
         B, H, W, C = x.shape
         qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.)
-        x = x.transpose(1, 2).reshape(B, H, W, C)
-        return self.proj_drop(self.proj(x))
+        return x.transpose(1, 2).reshape(B, H, W, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj_drop(self.proj(self.attend(x)))
 
 
 class ConvFfn(nn.Module):
@@ -71,13 +74,16 @@ class ConvFfn(nn.Module):
         self.drop = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The hidden features, (B, H, W, rC), that `fc2` projects back."""
         x = self.fc1(x)
         if self.use_conv:
             # each token sees its 8 neighbours on the lattice
             x = self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        x = self.drop(self.act(x))
-        return self.drop(self.fc2(x))
+        return self.drop(self.act(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.hidden(x)))
 
 
 class Block(nn.Module):
