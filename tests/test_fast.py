@@ -103,8 +103,10 @@ def test_pack_replaces_every_conv_and_linear_and_fuses(tiny_aucvt):
     assert not any(isinstance(m, nn.GELU) for m in mods)
     blocks = [m for m in mods if isinstance(m, fast.PackedBlock)]  # residual adds inside proj and fc2
     assert blocks and not any(isinstance(m, aucvt_zoo.models.cvt.Block) for m in mods)
-    # packed for batch 3, run at 1 and 5: a packed weight suits any batch size
-    for batch in (1, 5):
+    chunked = [m for m in mods if isinstance(m, fast.Chunked)]  # stem + first IR stage, in slices of 8
+    assert len(chunked) == 1 and isinstance(fm.model.trunk.stages[0], nn.Identity)
+    # packed for batch 3, run at 1, 5 and 19 (three slices): a packed weight suits any batch size
+    for batch in (1, 5, 19):
         xb = torch.randn(batch, 3, 112, 112)
         with torch.no_grad():
             ref_expr, ref_aus = tiny_aucvt.forward_with_aus(xb)
