@@ -1,6 +1,6 @@
 """Fast inference paths for zoo (and timm) models, each checked against fp32 eager before it is used.
 
-A path combines four independent switches:
+A path combines independent switches:
 
 - precision: 'fp32', 'bf16' (autocast; AMX on Xeons that have it, tensor cores on CUDA) or 'fp16' (CUDA only);
 - channels_last: NHWC activations for the convolutional trunk (oneDNN and cuDNN are fastest in NHWC);
@@ -9,6 +9,9 @@ A path combines four independent switches:
 - pack (CPU): convolution and linear weights reordered once into oneDNN's blocked layout (eager PyTorch
   reorders them on every call, which at batch 1 costs more than the arithmetic), with the IR units' residual
   add and the Conv-FFN's GELU fused into the convolution before them; exact up to float rounding;
+- streams (CPU): the batch is split in `streams` parts run at once from as many threads, each with its share of
+  the cores (two half batches on one core each beat one batch on two cores: less synchronisation between
+  cores, and each core's memory-bound passes run on its own half);
 - compile: `torch.compile` with inductor freezing (weights become constants, so weight casts and conv-BN
   folding happen once at compile time); its compile time is reported. It packs weights itself, so it does not
   combine with `pack`.
@@ -32,6 +35,7 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -63,12 +67,17 @@ class FastPath:
     fold: bool = False
     compile: bool = False
     pack: bool = False
+    streams: int = 1
 
     def __post_init__(self):
         if self.precision not in _PRECISIONS:
             raise ValueError(f'precision must be one of {sorted(_PRECISIONS)}, not {self.precision!r}.')
         if self.pack and self.compile:
             raise ValueError('pack and compile do not combine: compiling with freezing packs the weights itself.')
+        if not isinstance(self.streams, int) or self.streams < 1:
+            raise ValueError(f'streams must be a positive int, not {self.streams!r}.')
+        if self.streams > 1 and self.compile:
+            raise ValueError('streams and compile do not combine (a compiled model is not run from several threads).')
 
     @property
     def name(self) -> str:
@@ -77,6 +86,7 @@ class FastPath:
         parts += ['fold'] if self.fold else []
         parts += ['pack'] if self.pack else []
         parts += ['compile'] if self.compile else []
+        parts += [f'streams{self.streams}'] if self.streams > 1 else []
         return '+'.join(parts)
 
     @property
@@ -89,12 +99,14 @@ class FastPath:
         """Parse a name such as 'bf16+channels_last+fold+pack' (the form `name` gives)."""
         parts = name.split('+')
         flags = set(parts[1:])
-        unknown = flags - {'channels_last', 'fold', 'pack', 'compile'}
-        if unknown:
+        streams = [f for f in flags if f.startswith('streams') and f[len('streams'):].isdigit()]
+        unknown = flags - {'channels_last', 'fold', 'pack', 'compile'} - set(streams)
+        if unknown or len(streams) > 1:
             raise ValueError(
-                f'Unknown fast-path switch(es) {sorted(unknown)} in {name!r}; use '
-                f'<fp32|bf16|fp16>[+channels_last][+fold][+pack|+compile].')
-        return cls(parts[0], 'channels_last' in flags, 'fold' in flags, 'compile' in flags, 'pack' in flags)
+                f'Unknown fast-path switch(es) {sorted(unknown or streams)} in {name!r}; use '
+                f'<fp32|bf16|fp16>[+channels_last][+fold][+pack|+compile][+streams<N>].')
+        return cls(parts[0], 'channels_last' in flags, 'fold' in flags, 'compile' in flags, 'pack' in flags,
+                   int(streams[0][len('streams'):]) if streams else 1)
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -535,17 +547,33 @@ class FastModel(nn.Module):
         self.device = device
         self.compile_time_s = 0.0
         self.au_names: Tuple[str, ...] = tuple(getattr(model, 'au_names', ()))
+        # streams: the batch is split between `streams` threads, each with its share of the intra-op threads
+        self._stream_threads = max(1, torch.get_num_threads() // path.streams)
+        self._pool: Optional[ThreadPoolExecutor] = None
 
     def _autocast(self):
         if self.path.precision == 'fp32':
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=_PRECISIONS[self.path.precision])
 
-    def forward_with_aus(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Expression logits (B, classes) and AU logits (B, len(au_names)), fp32; (B, 0) AUs without a branch."""
-        with torch.inference_mode(), self._autocast():
+    def _run(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode(), self._autocast():  # both are thread-local: entered in the running thread
             expr, aus = self._runner(x.to(self.device))
         return expr.float(), aus.float()
+
+    def _run_in_stream(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        torch.set_num_threads(self._stream_threads)  # OpenMP's thread count is per calling thread
+        return self._run(x)
+
+    def forward_with_aus(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Expression logits (B, classes) and AU logits (B, len(au_names)), fp32; (B, 0) AUs without a branch."""
+        streams = self.path.streams
+        if streams == 1 or x.shape[0] < 2:
+            return self._run(x)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(streams, thread_name_prefix='aucvt-stream')
+        outs = list(self._pool.map(self._run_in_stream, x.split(math.ceil(x.shape[0] / streams))))
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_aus(x)[0]
@@ -563,6 +591,8 @@ def prepare(model: nn.Module, path: FastPath, example: Optional[torch.Tensor] = 
     device = next(model.parameters()).device
     if path.precision == 'fp16' and device.type != 'cuda':
         raise ValueError('fp16 runs on CUDA only (CPU fp16 matmuls are emulated and slow); use bf16 on CPU.')
+    if path.streams > 1 and device.type != 'cpu':
+        raise ValueError(f'streams split a batch between CPU threads; the model is on {device}.')
     if path.pack and not pack_supported(device):
         raise ValueError(f'pack runs on a CPU with oneDNN only (model is on {device}); leave it out of the path.')
     if path.fold:
@@ -725,6 +755,8 @@ def candidate_paths(
         paths += [FastPath(prec), FastPath(prec, channels_last=True, fold=True)]
         if pack_supported(device):
             paths.append(FastPath(prec, channels_last=True, fold=True, pack=True))
+            if torch.get_num_threads() >= 2:
+                paths.append(FastPath(prec, channels_last=True, fold=True, pack=True, streams=2))
         if allow_compile:
             paths.append(FastPath(prec, channels_last=True, fold=True, compile=True))
     return paths

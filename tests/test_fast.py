@@ -130,6 +130,34 @@ def test_pack_works_on_a_timm_model_and_refuses_what_it_cannot_do():
     assert FastPath('bf16', True, True, pack=True) in fast.candidate_paths(torch.device('cpu'))
 
 
+def test_streams_split_the_batch_between_threads_and_leave_the_callers_threads_alone(tiny_aucvt):
+    import threading
+    fm = fast.prepare(tiny_aucvt, FastPath('fp32', channels_last=True, fold=True, pack=True, streams=2))
+    seen = []
+    fm.model.trunk.stem.register_forward_pre_hook(lambda mod, args: seen.append((threading.get_ident(), args[0].shape[0])))
+    threads = torch.get_num_threads()
+    for batch in (5, 1):
+        seen.clear()
+        x = torch.randn(batch, 3, 112, 112)
+        with torch.no_grad():
+            ref_expr, ref_aus = tiny_aucvt.forward_with_aus(x)
+        expr, aus = fm.forward_with_aus(x)
+        torch.testing.assert_close(expr, ref_expr, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(aus, ref_aus, atol=1e-4, rtol=1e-4)
+        if batch == 5:  # halves 3 + 2, each in its own worker thread
+            assert sorted(n for _, n in seen) == [2, 3]
+            assert len({t for t, _ in seen}) == 2 and threading.get_ident() not in {t for t, _ in seen}
+        else:  # one image is not split
+            assert seen == [(threading.get_ident(), 1)]
+    assert torch.get_num_threads() == threads
+    assert FastPath.from_name('bf16+channels_last+fold+pack+streams2').streams == 2
+    for bad in (dict(streams=0), dict(streams=2, compile=True)):
+        with pytest.raises(ValueError, match='streams'):
+            FastPath('fp32', **bad)
+    with pytest.raises(ValueError, match='CPU threads'):
+        fast.prepare(nn.Linear(2, 2, device='meta'), FastPath('fp32', streams=2))
+
+
 def test_batch_size_one(tiny_aucvt):
     fm = fast.prepare(tiny_aucvt, FastPath('fp32', channels_last=True, fold=True))
     expr, aus = fm.forward_with_aus(torch.randn(1, 3, 112, 112))
