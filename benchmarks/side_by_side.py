@@ -1,6 +1,6 @@
 """The issue-6 table in one run: zoo models and timm baselines, fp32 eager vs the best path, batch 1 and 32.
 
-    python benchmarks/side_by_side.py                       # CPU: bf16 (AMX) + packed oneDNN weights
+    python benchmarks/side_by_side.py                       # CPU: bf16 (AMX), packed oneDNN weights, 2 streams
     python benchmarks/side_by_side.py --device cuda         # the same table on a GPU (best path: fp16)
     python benchmarks/side_by_side.py --best bf16+channels_last+fold+compile --runs 7
 
@@ -90,7 +90,7 @@ def _phase(args, paths, out_json):
             for path in paths:
                 factory, row_name = None, name
                 if name == REFERENCE:
-                    # the reference gets fp32 eager and the stock tricks (precision, channels_last), not our folding
+                    # the reference gets fp32 eager and the stock tricks (precision, channels_last), not ours
                     path = fast.FastPath(path.precision, channels_last=path.channels_last)
                     # it fails at batch 1 (pooled features squeezed); time batch 1 without the squeeze, and say so
                     factory = lambda squeeze=bs > 1: ReferenceAuCvt(regions=7, squeeze_pooled=squeeze)  # noqa: E731
@@ -130,7 +130,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--best', default=None,
-                   help='the fast path (default: bf16+channels_last+fold+pack on CPU, fp16+channels_last+fold on CUDA)')
+                   help='the fast path (default on CPU: bf16+channels_last+fold+pack, +streams2 with >= 2 threads; '
+                        'on CUDA: fp16+channels_last+fold)')
     p.add_argument('--batch-size', nargs='+', type=int, default=[1, 32])
     p.add_argument('--runs', type=int, default=5)
     p.add_argument('--min-run-s', type=float, default=0.5)
@@ -142,8 +143,10 @@ def main(argv=None):
     p.add_argument('--phase-out', default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    best = fast.FastPath.from_name(
-        args.best or ('fp16+channels_last+fold' if device.type == 'cuda' else 'bf16+channels_last+fold+pack'))
+    if args.best is None and device.type == 'cpu':  # two streams where there are two cores to give them
+        threads = args.threads or torch.get_num_threads()
+        args.best = 'bf16+channels_last+fold+pack' + ('+streams2' if threads >= 2 else '')
+    best = fast.FastPath.from_name(args.best or 'fp16+channels_last+fold')
     if args.phase:
         _phase(args, [fast.FastPath()] if args.phase == 'default' else [fast.FastPath(), best], args.phase_out)
         return
