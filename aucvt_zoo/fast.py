@@ -717,11 +717,11 @@ class FastChoice:
         for c in self.candidates:
             mark = '*' if c.path == self.path else ' '
             if c.error:
-                lines.append(f'{mark} {c.path.name:<34} failed: {c.error}')
+                lines.append(f'{mark} {c.path.name:<40} failed: {c.error}')
                 continue
             a = c.agreement
             lines.append(
-                f'{mark} {c.path.name:<34} {c.images_per_s:8.1f} img/s  agreement {a.argmax_agreement:.4f}  '
+                f'{mark} {c.path.name:<40} {c.images_per_s:8.1f} img/s  agreement {a.argmax_agreement:.4f}  '
                 f'max|diff| {a.max_abs_diff:.5f}  {"ok" if c.accepted else "rejected"}'
                 + (f'  compile {c.compile_time_s:.0f}s' if c.path.compile else ''))
         return '\n'.join(lines)
@@ -762,8 +762,9 @@ def candidate_paths(
     return paths
 
 
-def _images_per_s(fast: FastModel, x: torch.Tensor, runs: int) -> float:
-    fast.forward_with_aus(x)
+def _images_per_s(fast: FastModel, x: torch.Tensor, runs: int, warmup: bool = True) -> float:
+    if warmup:
+        fast.forward_with_aus(x)
     times = []
     for _ in range(runs):
         if fast.device.type == 'cuda':
@@ -801,7 +802,7 @@ def choose_fast_path(
             lets the device decide.
         allow_compile: also try `torch.compile`d paths (minutes of compiling on a small CPU).
         candidates: paths to try instead of `candidate_paths(device, precision, allow_compile)`.
-        timing_runs: timed runs per candidate.
+        timing_runs: timed runs per accepted candidate (a rejected one is timed once, for the report).
         min_agreement: minimum expression argmax agreement with fp32 eager.
         max_diff: maximum |expression logit difference| with fp32 eager.
         tune_malloc: apply `tune_glibc_malloc` first (on CPU it is worth up to 10x on this project's
@@ -820,7 +821,8 @@ def choose_fast_path(
             fast = prepare(model, path, example=check_batch)
             agreement = check_agreement(fast, check_batch, reference)
             accepted = path == FastPath() or agreement.accepted(min_agreement, max_diff)
-            speed = _images_per_s(fast, check_batch, timing_runs)
+            # the agreement check was the warm-up; a rejected path is timed once, for the report only
+            speed = _images_per_s(fast, check_batch, timing_runs if accepted else 1, warmup=False)
         except Exception as err:  # a path this build/device cannot run is skipped, and said so
             reports.append(CandidateReport(path, 0.0, None, False, error=f'{type(err).__name__}: {err}'))
             continue
