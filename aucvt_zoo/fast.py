@@ -47,7 +47,8 @@ from .models.ir50 import BottleneckIR, IResNet
 
 __all__ = [
     'ACCEPT_AGREEMENT', 'ACCEPT_MAX_DIFF', 'FastPath', 'FastModel', 'Agreement', 'CandidateReport', 'FastChoice',
-    'bf16_supported', 'pack_supported', 'candidate_paths', 'fold_batchnorm', 'pack_weights', 'prepare', 'check_agreement', 'choose_fast_path',
+    'bf16_supported', 'pack_supported', 'candidate_paths', 'fold_batchnorm', 'pack_weights', 'PackedConv2d',
+    'PackedLinear', 'PackedBlock', 'Chunked', 'prepare', 'check_agreement', 'choose_fast_path',
     'find_allocator', 'allocator_env', 'tune_glibc_malloc',
 ]
 
@@ -436,9 +437,9 @@ def pack_weights(model: nn.Module, example: torch.Tensor) -> nn.Module:
 
     Fused on the way: the residual add of folded IR units (`fold_batchnorm`) into their second convolution, the
     GELU of the Conv-FFN into its depthwise convolution, and a transformer block's two residual adds into its
-    output linears. IR-50's stem and first stage run in slices of 8 images (see `Chunked`). Weights keep the dtype they have (cast them first for
-    bf16). Call it last: packed weights are opaque oneDNN tensors that `.to()`, `deepcopy` and `state_dict` do not
-    handle.
+    output linears. IR-50's stem and first stage run in slices of 8 images (see `Chunked`). Weights keep the
+    dtype they have (cast them first for bf16). Call it last: packed weights are opaque oneDNN tensors that
+    `.to()`, `deepcopy` and `state_dict` do not handle.
 
     Args:
         model: an eval-mode model on the CPU (not copied: prepare a copy first).

@@ -114,7 +114,8 @@ def _against_reference(results):
     """Each model's fastest row as a multiple of the reference's fp32 eager (default malloc) at the same batch."""
     base = {r.batch_size: r.img_per_s for r in results
             if r.model.startswith(REFERENCE) and r.path == 'fp32' and r.allocator == 'glibc' and not r.error}
-    lines = ['| model | batch | fastest path | img/s | x reference fp32 eager | % of peak |', '|---|---|---|---|---|---|']
+    lines = ['| model | batch | fastest path | img/s | x reference fp32 eager | % of peak |',
+             '|---|---|---|---|---|---|']
     best = {}
     for r in results:
         key = (r.model.split(' ')[0], r.batch_size)

@@ -134,7 +134,8 @@ def test_streams_split_the_batch_between_threads_and_leave_the_callers_threads_a
     import threading
     fm = fast.prepare(tiny_aucvt, FastPath('fp32', channels_last=True, fold=True, pack=True, streams=2))
     seen = []
-    fm.model.trunk.stem.register_forward_pre_hook(lambda mod, args: seen.append((threading.get_ident(), args[0].shape[0])))
+    fm.model.trunk.stem.register_forward_pre_hook(
+        lambda mod, args: seen.append((threading.get_ident(), args[0].shape[0])))
     threads = torch.get_num_threads()
     for batch in (5, 1):
         seen.clear()
