@@ -4,9 +4,10 @@
     python benchmarks/side_by_side.py --device cuda         # the same table on a GPU (best path: fp16)
     python benchmarks/side_by_side.py --best bf16+channels_last+fold+compile --runs 7
 
-Two phases, each in its own process, one after the other: 'default' runs fp32 eager as a user gets it (glibc
-malloc untouched), 'tuned' runs fp32 eager and the best path after `aucvt_zoo.fast.tune_glibc_malloc()` (an
-allocator setting is process-wide and cannot be undone cleanly, hence the processes). Writes
+Two phases: 'default' runs fp32 eager as a user gets it (glibc malloc untouched), 'tuned' runs fp32 eager and
+the best path after `aucvt_zoo.fast.tune_glibc_malloc()`. Every (phase, model, path) runs in a fresh process, one
+after the other (an allocator setting cannot be undone in a process, and one configuration's leftover heap
+slows the next). Writes
 benchmarks/results/side_by_side-<device>.{json,md}; absolute numbers depend on what else the machine is doing.
 """
 import argparse
@@ -78,7 +79,7 @@ def _phase(args, paths, out_json):
         print('tune_glibc_malloc not applicable here; the tuned phase runs with the default allocator')
     peaks = {p.precision: benchmark.matmul_peak_gflops(fast._PRECISIONS[p.precision], device) for p in paths}
     info = benchmark.machine_info(device)
-    if args.phase == 'tuned' and (not args.models or REFERENCE in args.models):
+    if args.phase == 'tuned' and (not args.models or REFERENCE in args.models) and paths[0] == fast.FastPath():
         info['reference'] = _reference_checks(device)
         print(json.dumps(info['reference']), flush=True)
     info['matmul_peak_gflops'] = {k: round(v, 1) for k, v in peaks.items()}
@@ -142,6 +143,7 @@ def main(argv=None):
     p.add_argument('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results'))
     p.add_argument('--phase', choices=['default', 'tuned'], default=None, help=argparse.SUPPRESS)
     p.add_argument('--phase-out', default=None, help=argparse.SUPPRESS)
+    p.add_argument('--only-path', default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if args.best is None and device.type == 'cpu':  # two streams where there are two cores to give them
@@ -149,25 +151,37 @@ def main(argv=None):
         args.best = 'bf16+channels_last+fold+pack' + ('+streams2' if threads >= 2 else '')
     best = fast.FastPath.from_name(args.best or 'fp16+channels_last+fold')
     if args.phase:
-        _phase(args, [fast.FastPath()] if args.phase == 'default' else [fast.FastPath(), best], args.phase_out)
+        _phase(args, [fast.FastPath.from_name(args.only_path)], args.phase_out)
         return
+    # Every (phase, model, path) runs in a fresh process, one after the other: an allocator setting cannot be
+    # undone in a process, and what one configuration leaves in the heap (the reference's, 2.4 GB) slowed the
+    # next ones by 5-10% when they shared a process.
     start = time.time()
-    phases = {}
+    models = [name for name, _ in ROWS if not args.models or name in args.models]
+    jobs = [('default', m, 'fp32') for m in models] + [('tuned', m, p) for m in models for p in ('fp32', best.name)]
+    common = ['--device', args.device, '--batch-size', *map(str, args.batch_size), '--runs', str(args.runs),
+              '--min-run-s', str(args.min_run_s), '--warmup', str(args.warmup), '--best', best.name]
+    common += ['--threads', str(args.threads)] if args.threads else []
+    outputs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for phase in ('default', 'tuned'):
-            out = os.path.join(tmp, phase + '.json')
-            child = [a for a in (argv if argv is not None else sys.argv[1:])]
-            subprocess.run([sys.executable, os.path.abspath(__file__), *child, '--phase', phase, '--phase-out', out],
-                           env=fast.allocator_env('glibc'), check=True)
+        for i, (phase, model, path) in enumerate(jobs):
+            out = os.path.join(tmp, f'{i}.json')
+            subprocess.run([sys.executable, os.path.abspath(__file__), *common, '--models', model, '--phase', phase,
+                            '--only-path', path, '--phase-out', out], env=fast.allocator_env('glibc'), check=True)
             with open(out) as f:
-                phases[phase] = json.load(f)
+                outputs.append((phase, json.load(f)))
     rows = {}
-    for phase in ('default', 'tuned'):
-        for r in phases[phase]['results']:
+    for phase, output in outputs:
+        for r in output['results']:
             rows.setdefault((r['model'], r['batch_size']), []).append(benchmark.BenchmarkResult(**r))
     results = [r for key in rows for r in rows[key]]
-    info = {k: v for k, v in phases['tuned'].items() if k != 'results'}
-    info['matmul_peak_gflops_default_phase'] = phases['default']['matmul_peak_gflops']
+    info = {k: v for k, v in outputs[-1][1].items() if k not in ('results', 'matmul_peak_gflops')}
+    info['reference'] = next((o['reference'] for _, o in outputs if 'reference' in o), None)
+    peaks = {}
+    for _, output in outputs:
+        for precision, value in output['matmul_peak_gflops'].items():
+            peaks.setdefault(precision, []).append(value)
+    info['matmul_peak_gflops'] = {k: [min(v), max(v)] for k, v in peaks.items()}  # over the processes
     info['wall_s'] = round(time.time() - start)
     table = benchmark.markdown_table(results) + '\n\n' + _against_reference(results)
     print(table)
@@ -177,8 +191,9 @@ def main(argv=None):
         json.dump(dict(info, results=[dataclasses.asdict(r) for r in results]), f, indent=1)
     with open(stem + '.md', 'w') as f:
         f.write(f'Measured {info["when"]} on {info.get("cpu", info.get("gpu"))}, torch {info["torch"]}, '
-                f'{info["threads"]} threads; matmul peaks (GFLOP/s): {info["matmul_peak_gflops"]} (tuned phase), '
-                f'{info["matmul_peak_gflops_default_phase"]} (default phase); {info["wall_s"]} s in all.\n'
+                f'{info["threads"]} threads, each configuration in a fresh process; matmul peaks (GFLOP/s, min and '
+                f'max over the processes; each row uses its own): {info["matmul_peak_gflops"]}; '
+                f'{info["wall_s"]} s in all.\n'
                 f'Released-code configuration vs the reference on the same weights: {info.get("reference")}\n\n'
                 f'{table}\n')
 
