@@ -284,6 +284,14 @@ def _fold_sequential(seq: nn.Sequential) -> nn.Sequential:
     return nn.Sequential(*out)
 
 
+def _default_example(model: nn.Module) -> Optional[torch.Tensor]:
+    """One zero image of the model's `pretrained_cfg['input_size']`, on its device; None without one."""
+    input_size = getattr(model, 'pretrained_cfg', {}).get('input_size')
+    if input_size is None:
+        return None
+    return torch.zeros((1, *input_size), device=next(model.parameters()).device)
+
+
 @torch.no_grad()
 def fold_batchnorm(model: nn.Module, example: Optional[torch.Tensor] = None) -> nn.Module:
     """An eval-mode copy of `model` with BatchNorm folded into its convolutions, for inference.
@@ -301,10 +309,7 @@ def fold_batchnorm(model: nn.Module, example: Optional[torch.Tensor] = None) -> 
     """
     model = copy.deepcopy(model).eval()
     if example is None:
-        input_size = getattr(model, 'pretrained_cfg', {}).get('input_size')
-        if input_size is not None:
-            device = next(model.parameters()).device
-            example = torch.zeros((1, *input_size), device=device)
+        example = _default_example(model)
     unit_hw: Dict[int, Tuple[int, int]] = {}
     if example is not None:
         hooks = [m.register_forward_pre_hook(lambda mod, args: unit_hw.__setitem__(id(mod), tuple(args[0].shape[-2:])))
@@ -608,10 +613,9 @@ def prepare(model: nn.Module, path: FastPath, example: Optional[torch.Tensor] = 
         prepared = prepared.to(memory_format=torch.channels_last)
     if path.pack:
         if example is None:
-            input_size = getattr(model, 'pretrained_cfg', {}).get('input_size')
-            if input_size is None:
+            example = _default_example(model)
+            if example is None:
                 raise ValueError('prepare(..., path with pack) needs an example batch (the model has no input_size).')
-            example = torch.zeros((1, *input_size), device=device)
         x = example.to(device, torch.float32)
         pack_weights(prepared, x.contiguous(memory_format=torch.channels_last) if path.channels_last else x)
     both = _BothHeads(prepared, path.channels_last).eval()

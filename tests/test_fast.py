@@ -27,6 +27,15 @@ def _with_bn_statistics(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def _assert_same_outputs(fm, model: nn.Module, x: torch.Tensor, tol: float) -> None:
+    """`fm.forward_with_aus(x)` equals `model`'s fp32 eager outputs, expression and AU logits, to `tol`."""
+    with torch.no_grad():
+        ref_expr, ref_aus = model.forward_with_aus(x)
+    expr, aus = fm.forward_with_aus(x)
+    torch.testing.assert_close(expr, ref_expr, atol=tol, rtol=tol)
+    torch.testing.assert_close(aus, ref_aus, atol=tol, rtol=tol)
+
+
 @pytest.fixture(scope='module')
 def tiny_aucvt():
     torch.manual_seed(0)
@@ -40,10 +49,7 @@ def test_fold_removes_batchnorm_and_is_exact(tiny_aucvt):
     assert not any(isinstance(m, nn.MaxPool2d) for m in folded.modules())
     assert any(isinstance(m, nn.BatchNorm2d) for m in tiny_aucvt.modules()), 'the original must be left alone'
     with torch.no_grad():
-        ref_expr, ref_aus = tiny_aucvt.forward_with_aus(x)
-        expr, aus = folded.forward_with_aus(x)
-    torch.testing.assert_close(expr, ref_expr, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(aus, ref_aus, atol=1e-5, rtol=1e-5)
+        _assert_same_outputs(folded, tiny_aucvt, x, 1e-5)
 
 
 def test_leading_bn_fold_is_exact_at_the_border():
@@ -107,12 +113,7 @@ def test_pack_replaces_every_conv_and_linear_and_fuses(tiny_aucvt):
     assert len(chunked) == 1 and isinstance(fm.model.trunk.stages[0], nn.Identity)
     # packed for batch 3, run at 1, 5 and 19 (three slices): a packed weight suits any batch size
     for batch in (1, 5, 19):
-        xb = torch.randn(batch, 3, 112, 112)
-        with torch.no_grad():
-            ref_expr, ref_aus = tiny_aucvt.forward_with_aus(xb)
-        expr, aus = fm.forward_with_aus(xb)
-        torch.testing.assert_close(expr, ref_expr, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(aus, ref_aus, atol=1e-4, rtol=1e-4)
+        _assert_same_outputs(fm, tiny_aucvt, torch.randn(batch, 3, 112, 112), 1e-4)
 
 
 def test_pack_works_on_a_timm_model_and_refuses_what_it_cannot_do():
@@ -139,12 +140,7 @@ def test_streams_split_the_batch_between_threads_and_leave_the_callers_threads_a
     threads = torch.get_num_threads()
     for batch in (5, 1):
         seen.clear()
-        x = torch.randn(batch, 3, 112, 112)
-        with torch.no_grad():
-            ref_expr, ref_aus = tiny_aucvt.forward_with_aus(x)
-        expr, aus = fm.forward_with_aus(x)
-        torch.testing.assert_close(expr, ref_expr, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(aus, ref_aus, atol=1e-4, rtol=1e-4)
+        _assert_same_outputs(fm, tiny_aucvt, torch.randn(batch, 3, 112, 112), 1e-4)
         if batch == 5:  # halves 3 + 2, each in its own worker thread
             assert sorted(n for _, n in seen) == [2, 3]
             assert len({t for t, _ in seen}) == 2 and threading.get_ident() not in {t for t, _ in seen}
