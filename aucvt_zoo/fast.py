@@ -240,11 +240,6 @@ class BnConv(nn.Module):
         p = self.ring
         if p == 0 or y.shape[-2] <= 2 * p or y.shape[-1] <= 2 * p:
             return y + corr.to(y.dtype)
-        if p == 1:  # IR units: first and last rows as one strided view, then first and last columns between them
-            last_row, last_col = y.shape[-2] - 1, y.shape[-1] - 1
-            y[:, :, ::last_row] += corr[:, :, ::last_row].to(y.dtype)
-            y[:, :, 1:-1, ::last_col] += corr[:, :, 1:-1, ::last_col].to(y.dtype)
-            return y
         y[:, :, :p] += corr[:, :, :p].to(y.dtype)
         y[:, :, -p:] += corr[:, :, -p:].to(y.dtype)
         y[:, :, p:-p, :p] += corr[:, :, p:-p, :p].to(y.dtype)
@@ -410,26 +405,23 @@ class PackedLinear(nn.Module):
 
 
 class Chunked(nn.Module):
-    """Runs `module` on slices of `per_thread` images per intra-op thread and concatenates the results.
+    """Runs `module` on slices of at most `chunk` images and concatenates the results.
 
     The full-resolution start of IR-50 (stem and first stage, 64 x 112 x 112 maps) is bound by memory traffic
     (PReLU, the residual adds, the border corrections): a batch of 32 is 51 MB per map in bf16, a slice of 8 is
     13 MB and stays in the CPU's caches between one pass and the next. Measured here, stem + stage 1 of
-    `aucvt_openface` at batch 32 on 2 threads: 57 ms whole, 48 ms in slices of 8. The slice follows the thread
-    count at call time (each `streams` worker has fewer threads): 16 images on 1 thread, the half batch of a
-    `streams2` worker, ran 3% faster end to end in slices of 4 than of 8. Later stages gain nothing (their maps are
+    `aucvt_openface` at batch 32: 57 ms whole, 48 ms in slices of 8; later stages gain nothing (their maps are
     small and their convolutions like large batches).
     """
 
-    def __init__(self, module: nn.Module, per_thread: int = 4):
+    def __init__(self, module: nn.Module, chunk: int):
         super().__init__()
-        self.module, self.per_thread = module, per_thread
+        self.module, self.chunk = module, chunk
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        chunk = self.per_thread * torch.get_num_threads()
-        if x.shape[0] <= chunk:
+        if x.shape[0] <= self.chunk:
             return self.module(x)
-        return torch.cat([self.module(part) for part in x.split(chunk)])
+        return torch.cat([self.module(part) for part in x.split(self.chunk)])
 
 
 class PackedBlock(nn.Module):
@@ -450,7 +442,7 @@ def pack_weights(model: nn.Module, example: torch.Tensor) -> nn.Module:
 
     Fused on the way: the residual add of folded IR units (`fold_batchnorm`) into their second convolution, the
     GELU of the Conv-FFN into its depthwise convolution, and a transformer block's two residual adds into its
-    output linears. IR-50's stem and first stage run in slices of 4 images per thread (see `Chunked`). Weights keep the
+    output linears. IR-50's stem and first stage run in slices of 8 images (see `Chunked`). Weights keep the
     dtype they have (cast them first for bf16). Call it last: packed weights are opaque oneDNN tensors that
     `.to()`, `deepcopy` and `state_dict` do not handle.
 
@@ -515,7 +507,7 @@ def pack_weights(model: nn.Module, example: torch.Tensor) -> nn.Module:
     fuse_blocks(model)
     for m in list(model.modules()):
         if isinstance(m, IResNet) and len(m.stages) and not isinstance(m.stem, Chunked):
-            m.stem = Chunked(nn.Sequential(m.stem, m.stages[0]), per_thread=4)
+            m.stem = Chunked(nn.Sequential(m.stem, m.stages[0]), chunk=8)
             m.stages[0] = nn.Identity()
     return model
 
