@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import timm
 
@@ -104,9 +104,29 @@ def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, n: Optional[int
     return 2 * n ** 3 / best / 1e9
 
 
+def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# FlopCounterMode counts the CUDA attention kernels but not the CPU one `scaled_dot_product_attention` runs on a
+# CPU (torch 2.14), so the attention of every model that calls it (the zoo's CVTs, timm's ViTs) would count as
+# free on CPU while a hand-written `q @ k.T` attention (the authors' reference) counts. Same formulas as CUDA's.
+_CPU_SDPA_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
+}
+
+
 def count_flops(model: nn.Module, x: torch.Tensor, train: bool = False) -> float:
-    """FLOPs of one forward (and, with `train`, backward) pass on `x`, as `FlopCounterMode` counts them."""
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs of one forward (and, with `train`, backward) pass on `x`, as `FlopCounterMode` counts them.
+
+    Attention through `scaled_dot_product_attention` counts 2 * 2 * B * heads * N^2 * head_dim on every device.
+    """
+    with FlopCounterMode(display=False, custom_mapping=_CPU_SDPA_FLOPS) as counter:
         if train:
             out = model(x)
             out.float().sum().backward()
@@ -218,7 +238,8 @@ def benchmark_model(
     in_chans = int(getattr(model, 'pretrained_cfg', {}).get('input_size', (3,))[0])
     x = torch.randn(batch_size, in_chans, size, size, device=dev)
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
-    flops_model = _create(name, img_size, dev, factory) if mode == 'train' else model
+    # inference counts what is timed: both heads (expression and AUs) where the model has an AU branch
+    flops_model = _create(name, img_size, dev, factory) if mode == 'train' else fast._BothHeads(model, False)
     if mode == 'train':
         flops_model.train()
     # per image, counted on two (a model that cannot run one image, like the reference, is still counted)

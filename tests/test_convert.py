@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import aucvt_zoo  # noqa: F401  (registers the models)
 import timm
-from aucvt_zoo import convert
+from aucvt_zoo import benchmark, convert
 from aucvt_zoo.convert import ConversionError
 from aucvt_zoo.hub import read_weight_facts, sha256_file
 
@@ -294,6 +294,15 @@ def test_authors_full_size_key_list_maps_onto_released_models(regions):
     assert any(k == 'vit.output_layer.2.weight' for k in report['dropped'])
 
 
+class _WithAus(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.forward_with_aus(x)
+
+
 def _reference_module():
     """benchmarks/reference_aucvt.py, the baseline of the speed comparison, imported by path."""
     import importlib.util
@@ -334,6 +343,12 @@ def test_benchmark_reference_model_matches_layout_forward_and_converted_model(re
         torch.testing.assert_close(aus, layout_aus, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(ours_expr, expr, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(ours_aus, aus, rtol=1e-4, atol=1e-5)
+    # the same computation counts the same FLOPs, though ours attends through scaled_dot_product_attention and
+    # the reference through q @ k.T (the benchmark's "GFLOPs/img" and "% of peak" compare the two); the one
+    # difference: our AU branch averages each region as a (regions x 196) @ (196 x 64) matmul, theirs by a mean
+    both = [_WithAus(m) for m in (ref, model)]
+    ref_flops, our_flops = (benchmark.count_flops(m, torch.randn(2, 3, 112, 112)) for m in both)
+    assert ref_flops > 0 and our_flops - ref_flops == 2 * (2 * regions * 14 * 14 * 64)
 
 
 def test_benchmark_reference_model_fails_at_batch_1_as_reported_unless_told_not_to():

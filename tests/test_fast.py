@@ -249,6 +249,17 @@ def test_benchmark_rows_and_outputs(tmp_path):
 def test_flop_count_matches_hand_count():
     conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
     assert benchmark.count_flops(conv, torch.randn(1, 3, 10, 10)) == 2 * 8 * 3 * 9 * 10 * 10
+    # attention through scaled_dot_product_attention on the CPU: q @ k.T and p @ v, 2 FLOPs per multiply-add;
+    # torch's own counter leaves this CPU kernel out (it would count 0)
+    q = torch.randn(2, 4, 49, 16, requires_grad=True)
+    attention = benchmark.count_flops(_Attend(), q)
+    assert attention == 2 * (2 * 2 * 4 * 49 * 49 * 16)
+    assert benchmark.count_flops(_Attend(), q, train=True) > 3 * attention  # backward recomputes and does more
+
+
+class _Attend(nn.Module):
+    def forward(self, q):
+        return nn.functional.scaled_dot_product_attention(q, q, q)
 
 
 _FAULTS_SCRIPT = '''
