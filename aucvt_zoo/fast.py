@@ -8,7 +8,8 @@ A path combines independent switches:
   strided views (see `fold_batchnorm`); exact up to float rounding;
 - pack (CPU): convolution and linear weights reordered once into oneDNN's blocked layout (eager PyTorch
   reorders them on every call, which at batch 1 costs more than the arithmetic), with the IR units' residual
-  add and the Conv-FFN's GELU fused into the convolution before them; exact up to float rounding;
+  add and the Conv-FFN's GELU fused into the convolution before them, and IR-50's PReLUs run in place by a small
+  C kernel built on first use where a C compiler is present (`aucvt_zoo.native`); exact up to float rounding;
 - streams (CPU): the batch is split in `streams` parts run at once from as many threads, each with its share of
   the cores (two half batches on one core each beat one batch on two cores: less synchronisation between
   cores, and each core's memory-bound passes run on its own half);
@@ -42,13 +43,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import native
 from .models.cvt import Block, ConvFfn
 from .models.ir50 import BottleneckIR, IResNet
 
 __all__ = [
     'ACCEPT_AGREEMENT', 'ACCEPT_MAX_DIFF', 'FastPath', 'FastModel', 'Agreement', 'CandidateReport', 'FastChoice',
     'bf16_supported', 'pack_supported', 'candidate_paths', 'fold_batchnorm', 'pack_weights', 'PackedConv2d',
-    'PackedLinear', 'PackedBlock', 'Chunked', 'prepare', 'check_agreement', 'choose_fast_path',
+    'PackedLinear', 'PackedBlock', 'NativePReLU', 'Chunked', 'prepare', 'check_agreement', 'choose_fast_path',
     'find_allocator', 'allocator_env', 'tune_glibc_malloc',
 ]
 
@@ -227,16 +229,22 @@ class BnConv(nn.Module):
         index[size - p:] = torch.arange(3 * p + 1, 4 * p + 1, device=device)
         return index
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def uncorrected(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The convolution's output and the (1, out, H', W') correction still to add to it (None: already added)."""
         if self.correction is not None and (x.shape[-2], x.shape[-1]) == self.input_hw:
             corr = self.correction
             if x.shape[0] == 1 and isinstance(self.conv, PackedConv2d):
                 # one image: the whole correction map is added inside the conv (oneDNN's add does not broadcast
                 # over a batch efficiently, hence the ring slices below for larger batches)
-                return self.conv(x, add=corr)
+                return self.conv(x, add=corr), None
         else:
             corr = self._correction((x.shape[-2], x.shape[-1])).to(x.device)
-        y = self.conv(x)
+        return self.conv(x), corr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, corr = self.uncorrected(x)
+        if corr is None:
+            return y
         p = self.ring
         if p == 0 or y.shape[-2] <= 2 * p or y.shape[-1] <= 2 * p:
             return y + corr.to(y.dtype)
@@ -263,10 +271,15 @@ class FoldedBottleneckIR(nn.Module):
             self.shortcut = _conv_then_bn(unit.shortcut[0], unit.shortcut[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv2 = self.residual[2]
+        bnconv, prelu, conv2 = self.residual
+        if isinstance(prelu, NativePReLU):  # border correction and PReLU in one in-place pass
+            y, corr = bnconv.uncorrected(x)
+            y = prelu(y, add=corr)
+        else:
+            y = prelu(bnconv(x))
         if isinstance(conv2, PackedConv2d):  # the residual add runs inside the second convolution
-            return conv2(self.residual[1](self.residual[0](x)), add=self.shortcut(x))
-        return self.residual(x) + self.shortcut(x)
+            return conv2(y, add=self.shortcut(x))
+        return conv2(y) + self.shortcut(x)
 
 
 def _fold_sequential(seq: nn.Sequential) -> nn.Sequential:
@@ -404,6 +417,21 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise.binary(x, add, self.weight, self.bias, 'add')
 
 
+class NativePReLU(nn.Module):
+    """An inference `nn.PReLU` run in place on its input by `aucvt_zoo.native.prelu_` (3x PyTorch's bf16 PReLU).
+
+    Only for an input nothing else reads: `pack_weights` puts it after a convolution whose output goes nowhere
+    else. `forward(y, add)` computes PReLU(y + add), the form IR units need for `BnConv`'s border correction.
+    """
+
+    def __init__(self, prelu: nn.PReLU):
+        super().__init__()
+        self.register_buffer('slope', prelu.weight.detach().float().contiguous(), persistent=False)
+
+    def forward(self, y: torch.Tensor, add: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return native.prelu_(y, self.slope, add)
+
+
 class Chunked(nn.Module):
     """Runs `module` on slices of at most `chunk` images and concatenates the results.
 
@@ -442,9 +470,10 @@ def pack_weights(model: nn.Module, example: torch.Tensor) -> nn.Module:
 
     Fused on the way: the residual add of folded IR units (`fold_batchnorm`) into their second convolution, the
     GELU of the Conv-FFN into its depthwise convolution, and a transformer block's two residual adds into its
-    output linears. IR-50's stem and first stage run in slices of 8 images (see `Chunked`). Weights keep the
-    dtype they have (cast them first for bf16). Call it last: packed weights are opaque oneDNN tensors that
-    `.to()`, `deepcopy` and `state_dict` do not handle.
+    output linears. A PReLU right after a packed convolution becomes a `NativePReLU` when `native.available()`
+    (in IR units, together with the border correction of the `BnConv` before it). IR-50's stem and first stage
+    run in slices of 8 images (see `Chunked`). Weights keep the dtype they have (cast them first for bf16). Call
+    it last: packed weights are opaque oneDNN tensors that `.to()`, `deepcopy` and `state_dict` do not handle.
 
     Args:
         model: an eval-mode model on the CPU (not copied: prepare a copy first).
@@ -505,6 +534,15 @@ def pack_weights(model: nn.Module, example: torch.Tensor) -> nn.Module:
                 fuse_blocks(child)
 
     fuse_blocks(model)
+    if native.available():  # PReLUs whose input is a fresh convolution output nothing else reads
+        for m in list(model.modules()):
+            if (isinstance(m, FoldedBottleneckIR) and type(m.residual[1]) is nn.PReLU
+                    and isinstance(m.residual[0].conv, PackedConv2d)):
+                m.residual[1] = NativePReLU(m.residual[1])
+            elif isinstance(m, nn.Sequential):
+                for i in range(1, len(m)):
+                    if type(m[i]) is nn.PReLU and isinstance(m[i - 1], PackedConv2d):
+                        m[i] = NativePReLU(m[i])
     for m in list(model.modules()):
         if isinstance(m, IResNet) and len(m.stages) and not isinstance(m.stem, Chunked):
             m.stem = Chunked(nn.Sequential(m.stem, m.stages[0]), chunk=8)
@@ -719,6 +757,9 @@ class FastChoice:
     def summary(self) -> str:
         """One line per candidate: name, img/s, argmax agreement, max |logit diff|, accepted, the pick marked."""
         lines = [f'glibc malloc tuned (tune_glibc_malloc): {"yes" if self.malloc_tuned else "no"}']
+        if any(c.path.pack for c in self.candidates):
+            lines.append('native PReLU kernel (pack): '
+                         + ('yes' if native.available() else f'no, {native.unavailable_reason()}'))
         for c in self.candidates:
             mark = '*' if c.path == self.path else ' '
             if c.error:

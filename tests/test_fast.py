@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import aucvt_zoo  # noqa: F401  (registers the zoo models with timm)
-from aucvt_zoo import benchmark, fast
+from aucvt_zoo import benchmark, fast, native
 from aucvt_zoo.fast import FastPath
 
 
@@ -112,6 +112,9 @@ def test_pack_replaces_every_conv_and_linear_and_fuses(tiny_aucvt):
     assert not any(isinstance(m, nn.GELU) for m in mods)
     blocks = [m for m in mods if isinstance(m, fast.PackedBlock)]  # residual adds inside proj and fc2
     assert blocks and not any(isinstance(m, aucvt_zoo.models.cvt.Block) for m in mods)
+    if native.available():  # every PReLU (stem and units) in place, the units' border corrections with it
+        assert sum(isinstance(m, fast.NativePReLU) for m in mods) == len(units) + 1
+        assert not any(isinstance(m, nn.PReLU) for m in mods)
     chunked = [m for m in mods if isinstance(m, fast.Chunked)]  # stem + first IR stage, in slices of 8
     assert len(chunked) == 1 and isinstance(fm.model.trunk.stages[0], nn.Identity)
     # packed for batch 3, run at 1, 5 and 19 (three slices): a packed weight suits any batch size
@@ -183,6 +186,7 @@ def test_choose_fast_path_rejects_inexact_paths_and_obeys_fp32(tiny_aucvt):
     rejected = [c for c in choice.candidates if not c.path.exact and not c.error]
     assert rejected and not any(c.accepted for c in rejected)
     assert choice.path.name in choice.summary()
+    assert ('native PReLU kernel (pack): ' + ('yes' if native.available() else 'no')) in choice.summary()
     forced = fast.choose_fast_path(tiny_aucvt, x, precision='fp32', timing_runs=1)
     assert {c.path.precision for c in forced.candidates} == {'fp32'}
     torch.testing.assert_close(forced.model(x), tiny_aucvt(x), atol=1e-4, rtol=1e-4)
