@@ -39,7 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 import timm
 
-from . import fast
+from . import fast, native
 from .fast import FastPath
 
 __all__ = ['BenchmarkResult', 'matmul_peak_gflops', 'count_flops', 'benchmark_model', 'main']
@@ -372,6 +372,7 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
         info['cpu_capability'] = torch.backends.cpu.get_cpu_capability()
         info['bf16_native'] = fast.bf16_supported(device)
         info['amx'] = _has_cpu_flag('amx_bf16')
+        info['native_prelu'] = 'yes' if native.available() else native.unavailable_reason()  # used by `pack`
     return info
 
 

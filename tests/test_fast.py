@@ -244,7 +244,9 @@ def test_benchmark_rows_and_outputs(tmp_path):
     assert 2.5 < train.gflops_per_img / r.gflops_per_img < 3.5, 'backward costs about twice the forward'
     import csv
     import json
-    assert len(json.load(open(tmp_path / 'b.json'))['results']) == 6
+    written = json.load(open(tmp_path / 'b.json'))
+    assert len(written['results']) == 6
+    assert written['native_prelu'] == ('yes' if native.available() else native.unavailable_reason())
     assert len(list(csv.DictReader(open(tmp_path / 'b.csv')))) == 6
     table = benchmark.markdown_table(results)
     assert table.count('\n') == 7 and '1.00x' in table
