@@ -9,8 +9,8 @@ in about a second). On one core, for an 8 x 64 x 112 x 112 bf16 map: PyTorch's P
 `prelu_` 0.63 ms. It runs in the calling thread (see csrc/prelu.c for why).
 
 The library is compiled with `$CC` (default `cc`) and `-O3 -march=native` (without it if the compiler refuses)
-into `$AUCVT_ZOO_CACHE` (default `$XDG_CACHE_HOME/aucvt_zoo` or `~/.cache/aucvt_zoo`; a temporary folder if that
-is not writable), named by a hash of the source, the compiler, the flags and the CPU, so a cache shared between
+into `$AUCVT_ZOO_CACHE` (default `$XDG_CACHE_HOME/aucvt_zoo` or `~/.cache/aucvt_zoo`; a private temporary folder
+if that cannot be written), named by a hash of the source, the compiler, the flags and the CPU, so a cache shared between
 different machines never loads a build for the wrong CPU. Without a compiler (or with `AUCVT_ZOO_NATIVE=0`)
 `available()` is False, `unavailable_reason()` says why, and `prelu_` computes the same thing with PyTorch ops.
 """
@@ -84,13 +84,19 @@ def _build() -> None:
     for flags in (_FLAGS + _TUNE, _FLAGS):  # a compiler without -march=native still gets a portable build
         key = hashlib.sha256(b'\0'.join([source, cc.encode(), ' '.join(flags).encode(), _cpu_id().encode()]))
         name = f'prelu-{key.hexdigest()[:16]}.so'
-        for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f'aucvt_zoo-{getattr(os, "getuid", lambda: 0)()}'):
+        # the cache, else a private temporary folder made for this process (never a predictable shared path in
+        # /tmp: whoever can write there could plant the library we load)
+        for folder in (_cache_dir(), None):
+            try:
+                folder = Path(tempfile.mkdtemp(prefix='aucvt_zoo-')) if folder is None else folder
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                errors.append(f'cache folder {folder}: {err}')
+                continue
             path = folder / name
             if not path.exists():
-                try:
-                    folder.mkdir(parents=True, exist_ok=True)
-                except OSError as err:
-                    errors.append(f'{folder}: {err}')
+                if not os.access(folder, os.W_OK):
+                    errors.append(f'cache folder {folder} is not writable')
                     continue
                 error = _compile(cc, flags, path)
                 if error:

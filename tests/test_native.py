@@ -73,7 +73,8 @@ assert torch.equal(native.prelu_(y, w), expected)
 
 
 def _probe(tmp_path, **env):
-    full = dict(os.environ, AUCVT_ZOO_CACHE=str(tmp_path / 'cache'), PYTHONPATH=str(ROOT), **env)
+    full = dict(os.environ, PYTHONPATH=str(ROOT))
+    full.update({'AUCVT_ZOO_CACHE': str(tmp_path / 'cache'), **env})
     proc = subprocess.run([sys.executable, '-c', _PROBE], capture_output=True, text=True, env=full, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.splitlines()
@@ -99,3 +100,12 @@ def test_built_once_into_the_cache_and_portably_where_march_native_fails(tmp_pat
     cc.chmod(cc.stat().st_mode | stat.S_IEXEC)
     available, _, portable = _probe(tmp_path, CC=str(cc))
     assert available == 'True' and portable != path
+
+
+@needs_kernel
+def test_a_cache_folder_it_cannot_make_falls_back_to_a_private_temporary_one(tmp_path):
+    blocker = tmp_path / 'a-file'
+    blocker.write_text('not a folder')
+    available, _, path = _probe(tmp_path, AUCVT_ZOO_CACHE=str(blocker / 'cache'))
+    assert available == 'True' and Path(path).parent.name.startswith('aucvt_zoo-')
+    assert (Path(path).parent.stat().st_mode & 0o077) == 0, 'private to this user'
