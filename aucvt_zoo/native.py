@@ -109,7 +109,7 @@ def _build() -> None:
                 continue
             for fn in (lib.aucvt_prelu_bf16, lib.aucvt_prelu_f32):  # (y, weight, add, n, h * w, c)
                 fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
-                fn.restype = ctypes.c_int
+                fn.restype = None
             _state.update(lib=lib, path=path, reason='')
             return
     _state['reason'] = ('could not build the native PReLU kernel (' + '; '.join(errors) +
